@@ -1,0 +1,33 @@
+"""Where the files shipped beside the code (``configs/``) are, in a checkout or a wheel.
+
+``configs/`` sits at the repository root, beside ``sai_diffusion/``. A source checkout or an
+editable install (``pip install -e .``) reads it there. A built wheel carries a copy inside the
+package as ``sai_diffusion/_configs`` (pyproject.toml maps ``configs/`` to that package), so
+an installed copy finds it without the repository.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def configs_dir() -> Path:
+    """The ``configs/`` folder: the checkout's if present, else the wheel's packaged copy.
+
+    Raises:
+        FileNotFoundError: neither exists (a broken install).
+    """
+    for candidate in (_PACKAGE_DIR.parent / "configs", _PACKAGE_DIR / "_configs"):
+        if (candidate / "sd15" / "model_index.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"sai-diffusion's configs/ folder was not found beside {_PACKAGE_DIR} nor inside it; "
+        "reinstall the package."
+    )
+
+
+def sd15_config_dir() -> Path:
+    """The weight-free SD 1.5 diffusers config folder used to load single-file checkpoints."""
+    return configs_dir() / "sd15"

@@ -1,0 +1,186 @@
+"""Command-line entry points: ``sai-train-lora`` and ``sai-sample``.
+
+They parse flags into the library's config and call it; bad input ends with exit code 2 and
+one message, a diverged run with exit code 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import EXIT_USER_ERROR, UserError
+
+EXIT_DIVERGED = 3
+
+
+def _run(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    """Turn the library's user-facing errors into one line on stderr and an exit code."""
+    from .train import TrainingDiverged
+
+    try:
+        return main(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume RUN_DIR from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------- sai-train-lora
+def train_parser() -> argparse.ArgumentParser:
+    from .optim import OPTIMIZERS
+
+    p = argparse.ArgumentParser(
+        prog="sai-train-lora",
+        description="Fine-tune LoRA adapters of an SD-1.5-class checkpoint on a concept "
+        "with SGD-SaI, scaled-AdamW, AdamW or SGD.",
+        epilog="Any setting of run.yaml can be given as --set key=value, e.g. "
+        "--set mixed_precision=bf16 --set lora_targets=to_q,to_v",
+    )
+    p.add_argument(
+        "--concept", help="a shipped concept name (potter, hermione, ...) or a YAML file"
+    )
+    p.add_argument("--base-model", help="diffusers folder, single-file .safetensors, or hub id")
+    p.add_argument(
+        "--base-config",
+        help="weight-free diffusers config folder for a single file "
+        "(default: the shipped SD 1.5 one)",
+    )
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--lr", type=float, help="learning rate (default: the concept's, per optimizer)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--rank", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--output-dir", help="run folder (default: runs/<concept>/<optimizer>-lr...)")
+    p.add_argument(
+        "--resume", metavar="DIR|latest", help="continue a run from its latest complete checkpoint"
+    )
+    p.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE")
+    return p
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    from . import config
+    from .train import default_run_dir, run_training
+
+    args = train_parser().parse_args(argv)
+    flags = {
+        "base_model": args.base_model,
+        "base_config": args.base_config,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "max_steps": args.max_steps,
+        "batch_size": args.batch_size,
+        "resolution": args.resolution,
+        "rank": args.rank,
+        "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every,
+    }
+    if args.resume:
+        run_dir = _resume_dir(args.resume, args.output_dir)
+        cfg, concept, _ = config.load_run_yaml(run_dir)
+        # only the length of a resumed run may change; anything else would break it
+        changed = {k: v for k, v in flags.items() if v is not None and k != "max_steps"}
+        if changed or args.set_items:
+            raise UserError(
+                f"--resume continues {run_dir} with its own run.yaml; only "
+                f"--max-steps may be given (got {', '.join(changed) or '--set'})"
+            )
+        if args.max_steps is not None:
+            cfg.max_steps = args.max_steps
+        config.validate(cfg, str(run_dir / "run.yaml"))
+        run_training(cfg, concept, run_dir, resume=True)
+    else:
+        if not args.concept:
+            raise UserError(
+                "--concept is required: a shipped concept name "
+                f"({', '.join(config.available_concepts())}) or a YAML file"
+            )
+        cfg, concept = config.resolve(args.concept, flags, args.set_items)
+        run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(cfg, concept)
+        cfg.output_dir = str(run_dir)
+        run_training(cfg, concept, run_dir)
+    print(f"done: {run_dir}")
+    return 0
+
+
+def _resume_dir(value: str, output_dir: str | None) -> Path:
+    if value != "latest":
+        path = Path(value)
+        if not (path / "run.yaml").is_file():
+            raise UserError(f"--resume {value}: not a run folder (no run.yaml in it)")
+        return path
+    root = Path(output_dir) if output_dir else Path("runs")
+    runs = sorted(root.rglob("run.yaml"), key=lambda p: p.stat().st_mtime)
+    runs = [p.parent for p in runs if (p.parent / "checkpoints").is_dir()]
+    if not runs:
+        raise UserError(f"--resume latest: no run with checkpoints under {root}/")
+    return runs[-1]
+
+
+def train_entry() -> None:
+    sys.exit(_run(train_main, None))
+
+
+# ------------------------------------------------------------------------------ sai-sample
+def sample_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="sai-sample", description="Generate images with a trained run."
+    )
+    p.add_argument("--run", required=True, help="run folder written by sai-train-lora")
+    p.add_argument("--prompt", action="append", required=True, help="may repeat; {token} allowed")
+    p.add_argument("--seed", type=int, action="append", help="may repeat (default: 1)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--lora-weight", type=float, default=1.0)
+    p.add_argument("--resolution", type=int, help="default: the run's")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/samples/sai-sample)")
+    args = p.parse_args(argv)
+
+    from . import config
+    from .lora_io import load_lora_into
+    from .models import load_base_model
+    from .sample import SampleSettings, write_samples
+
+    run_dir = Path(args.run)
+    cfg, concept, _ = config.load_run_yaml(run_dir)
+    if not (run_dir / "lora.safetensors").is_file():
+        raise UserError(
+            f"{run_dir} has no lora.safetensors: the run has not finished; resume it "
+            f"with sai-train-lora --resume {run_dir}"
+        )
+    pipe = load_base_model(
+        cfg.base_model,
+        base_config=Path(cfg.base_config) if cfg.base_config else None,
+        allow_pickle=cfg.allow_pickle,
+    )
+    load_lora_into(pipe, run_dir, weight=args.lora_weight)
+    pipe.set_progress_bar_config(disable=True)
+    size = args.resolution or cfg.resolution
+    settings = SampleSettings(
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative_prompt,
+        height=size,
+        width=size,
+    )
+    prompts = [pr.format(token=concept.token) for pr in args.prompt]
+    out = Path(args.out) if args.out else run_dir / "samples" / "sai-sample"
+    for path in write_samples(pipe, prompts, args.seed or [1], settings, out):
+        print(path)
+    return 0
+
+
+def sample_entry() -> None:
+    sys.exit(_run(sample_main, None))

@@ -1,0 +1,368 @@
+"""Run configuration: the concept YAML, training settings, overrides, and their validation.
+
+Precedence, lowest first: TrainConfig defaults, the concept's ``train:`` section, command-line
+flags, ``--set key=value``. Unknown keys and wrong types are rejected with the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ._resources import configs_dir
+from .errors import UserError
+
+# Learning rates per optimizer when neither the concept nor the user gives one. SGD-SaI's scales
+# are <= 1 relative to its lr, hence a larger lr (the paper trains the potter LoRA at 0.1).
+DEFAULT_LR = {"sgd-sai": 0.1, "scaled-adamw": 1e-4, "scaled-sgd": 1e-2, "adamw": 1e-4, "sgd": 1e-2}
+
+
+@dataclass
+class Concept:
+    """A concept YAML: the token to learn, the class word it starts from, and its images."""
+
+    name: str
+    path: Path
+    token: str
+    class_word: str
+    data: Path
+    caption_template: str = "a photo of {token}"
+    validation_prompts: list[str] = field(default_factory=lambda: ["a photo of {token}"])
+    lr: dict[str, float] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def prompts(self) -> list[str]:
+        return [p.format(token=self.token) for p in self.validation_prompts]
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; run.yaml stores the resolved instance."""
+
+    concept: str = "potter"
+    base_model: str | None = None
+    base_config: str | None = None
+    allow_pickle: bool = False
+    output_dir: str | None = None
+    # optimizer
+    optimizer: str = "sgd-sai"
+    lr: float | None = None
+    lr_text_encoder: float | None = None
+    lr_embeddings: float | None = None
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    scaled_reg: float = 1e-2
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 0.0
+    # length and batch
+    max_steps: int = 500
+    batch_size: int = 1
+    grad_accum: int = 1
+    seed: int = 0
+    num_workers: int = 0
+    # model
+    resolution: int = 512
+    rank: int = 4
+    alpha: float = 1.0
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder_lora: bool = False
+    text_encoder_rank: int | None = None
+    text_encoder_alpha: float | None = None
+    train_embeddings: bool = False
+    init_noise_std: float = 0.0
+    # precision and speed
+    mixed_precision: str = "no"
+    vae_fp32: bool = True
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    # loss and data
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 0.0
+    use_masks: bool = True
+    center_crop: bool = False
+    random_flip: float = 0.5
+    # checkpoints, logging, validation
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    validation_every: int = 0
+    validation_seeds: list[int] = field(default_factory=lambda: [1, 2])
+    sample_steps: int = 25
+    guidance_scale: float = 7.5
+    negative_prompt: str = (
+        "lowres, bad anatomy, bad hands, text, error, cropped, worst quality, low quality, blurry"
+    )
+
+    def resolved_lr(self, concept: Concept) -> float:
+        if self.lr is not None:
+            return self.lr
+        return float(concept.lr.get(self.optimizer, DEFAULT_LR[self.optimizer]))
+
+
+CHOICES = {
+    "optimizer": tuple(DEFAULT_LR),
+    "lr_scheduler": ("constant", "linear", "cosine"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+}
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+# names other trainers use for our settings, suggested when they are typed here
+_ALIASES = {
+    "learning_rate": "lr",
+    "train_batch_size": "batch_size",
+    "steps": "max_steps",
+    "max_train_steps": "max_steps",
+    "network_dim": "rank",
+    "network_alpha": "alpha",
+    "lora_rank": "rank",
+    "lora_alpha": "alpha",
+    "gradient_accumulation_steps": "grad_accum",
+}
+
+
+def closest(key: str, valid) -> str:
+    valid = list(valid)
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not match:
+        alias = _ALIASES.get(key) or next(
+            iter(difflib.get_close_matches(key, list(_ALIASES), n=1, cutoff=0.8)), None
+        )
+        alias = _ALIASES.get(alias, alias)
+        match = [alias] if alias in valid else []
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Check ``value`` against the type of TrainConfig field ``key``."""
+    hint = typing.get_type_hints(TrainConfig)[key]
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where}: '{key}' cannot be empty")
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    origin = typing.get_origin(base)
+    try:
+        if origin is list:
+            (item,) = typing.get_args(base)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise TypeError
+            return [item(v) for v in value]
+        if base is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"{where}: '{key}' must be {getattr(base, '__name__', base)}, got {value!r}"
+        ) from None
+
+
+def apply_overrides(cfg: TrainConfig, values: dict[str, Any], where: str) -> TrainConfig:
+    for key, value in values.items():
+        if key not in _FIELDS:
+            raise UserError(f"{where}: unknown setting '{key}'{closest(key, _FIELDS)}")
+        setattr(cfg, key, _coerce(key, value, where))
+    return cfg
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["lr=0.1", "lora_targets=to_q,to_v"]`` -> ``{"lr": 0.1, ...}`` (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set noise_offset=0.01")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def validate(cfg: TrainConfig, where: str = "settings") -> TrainConfig:
+    """Reject absurd values, naming the setting and the accepted range."""
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            value = getattr(cfg, key)
+            raise UserError(
+                f"{where}: {key} must be one of {', '.join(choices)}, got {value!r}"
+                f"{closest(str(value), choices)}"
+            )
+
+    def need(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            raise UserError(f"{where}: {key} {rule}, got {getattr(cfg, key)!r}")
+
+    for key in ("lr", "lr_text_encoder", "lr_embeddings"):
+        value = getattr(cfg, key)
+        need(value is None or (math.isfinite(value) and 0 < value <= 10), key, "must be in (0, 10]")
+    need(cfg.max_steps >= 1, "max_steps", "must be >= 1")
+    need(1 <= cfg.batch_size <= 1024, "batch_size", "must be in [1, 1024]")
+    need(1 <= cfg.grad_accum <= 1024, "grad_accum", "must be in [1, 1024]")
+    need(
+        cfg.resolution % 8 == 0 and 8 <= cfg.resolution <= 4096,
+        "resolution",
+        "must be a multiple of 8 in [8, 4096]",
+    )
+    need(1 <= cfg.rank <= 1024, "rank", "must be in [1, 1024]")
+    need(cfg.alpha > 0, "alpha", "must be > 0")
+    need(
+        cfg.text_encoder_rank is None or 1 <= cfg.text_encoder_rank <= 1024,
+        "text_encoder_rank",
+        "must be in [1, 1024]",
+    )
+    need(0 <= cfg.weight_decay <= 1, "weight_decay", "must be in [0, 1]")
+    need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")
+    need(cfg.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)")
+    need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+    need(0 <= cfg.random_flip <= 1, "random_flip", "must be in [0, 1]")
+    need(0 <= cfg.noise_offset <= 1, "noise_offset", "must be in [0, 1]")
+    need(cfg.min_snr_gamma >= 0, "min_snr_gamma", "must be >= 0 (0: off)")
+    need(cfg.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0: off)")
+    need(cfg.validation_every >= 0, "validation_every", "must be >= 0 (0: only at the end)")
+    need(1 <= cfg.sample_steps <= 1000, "sample_steps", "must be in [1, 1000]")
+    need(cfg.lora_targets != [], "lora_targets", "must name at least one module")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ concepts
+_CONCEPT_KEYS = {f.name for f in dataclasses.fields(Concept)} - {"name", "path"}
+
+
+def concepts_dir() -> Path:
+    return configs_dir() / "concepts"
+
+
+def find_concept(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(
+                f"concept file {path} does not exist; pass a YAML file or one of: "
+                f"{', '.join(available_concepts()) or '(none shipped)'}"
+            )
+        return path
+    shipped = concepts_dir() / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise UserError(
+            f"no concept named '{name_or_path}'{closest(name_or_path, available_concepts())}; "
+            f"shipped concepts: {', '.join(available_concepts())}, or pass a path to your own "
+            "YAML (token, class_word, data)"
+        )
+    return shipped
+
+
+def available_concepts() -> list[str]:
+    return sorted(p.stem for p in concepts_dir().glob("*.yaml"))
+
+
+def load_concept(name_or_path: str) -> Concept:
+    """Read and check a concept YAML. ``data`` is relative to the YAML file."""
+    path = find_concept(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping with token, class_word and data")
+    for key in raw:
+        if key not in _CONCEPT_KEYS:
+            raise UserError(f"{path}: unknown key '{key}'{closest(key, _CONCEPT_KEYS)}")
+    for key in ("token", "class_word", "data"):
+        if not raw.get(key) or not isinstance(raw[key], str):
+            raise UserError(f"{path}: '{key}' is required and must be a string")
+    prompts = raw.get("validation_prompts", ["a photo of {token}"])
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise UserError(f"{path}: validation_prompts must be a list of strings")
+    lr = raw.get("lr", {}) or {}
+    for opt, value in lr.items():
+        if opt not in DEFAULT_LR:
+            raise UserError(f"{path}: lr.{opt}: unknown optimizer{closest(opt, DEFAULT_LR)}")
+        if not isinstance(value, int | float) or value <= 0:
+            raise UserError(f"{path}: lr.{opt} must be a number > 0, got {value!r}")
+    train = raw.get("train", {}) or {}
+    if not isinstance(train, dict):
+        raise UserError(f"{path}: 'train' must be a mapping of settings")
+    apply_overrides(TrainConfig(), train, f"{path}: train")  # type-check early
+    return Concept(
+        name=path.stem,
+        path=path.resolve(),
+        token=raw["token"],
+        class_word=raw["class_word"],
+        data=(path.parent / raw["data"]).resolve(),
+        caption_template=raw.get("caption_template", "a photo of {token}"),
+        validation_prompts=prompts,
+        lr={k: float(v) for k, v in lr.items()},
+        train=train,
+    )
+
+
+def resolve(
+    concept_arg: str, flags: dict[str, Any], set_items: list[str]
+) -> tuple[TrainConfig, Concept]:
+    """Build the run's config from a concept, command-line flags and ``--set`` overrides."""
+    concept = load_concept(concept_arg)
+    cfg = TrainConfig(concept=concept_arg)
+    apply_overrides(cfg, concept.train, f"{concept.path}: train")
+    apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, "command line")
+    apply_overrides(cfg, parse_set(set_items), "--set")
+    return validate(cfg), concept
+
+
+def save_run_yaml(cfg: TrainConfig, concept: Concept, path: Path, extra: dict[str, Any]) -> None:
+    from .fsutil import atomic_write_text
+
+    data = {"config": dataclasses.asdict(cfg), "concept": _concept_dict(concept), **extra}
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def _concept_dict(concept: Concept) -> dict[str, Any]:
+    d = dataclasses.asdict(concept)
+    d["path"], d["data"] = str(concept.path), str(concept.data)
+    return d
+
+
+def load_run_yaml(run_dir: Path) -> tuple[TrainConfig, Concept, dict[str, Any]]:
+    path = run_dir / "run.yaml"
+    if not path.is_file():
+        raise UserError(
+            f"{run_dir} is not a run directory (no run.yaml); pass the folder that "
+            "sai-train-lora wrote"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        cfg = apply_overrides(TrainConfig(), data["config"], str(path))
+        c = dict(data["concept"])
+        concept = Concept(**{**c, "path": Path(c["path"]), "data": Path(c["data"])})
+    except (yaml.YAMLError, KeyError, TypeError) as exc:
+        raise UserError(
+            f"{path}: unreadable run file ({exc}); it was not written by this "
+            "version of sai-train-lora"
+        ) from None
+    return cfg, concept, data

@@ -1,0 +1,467 @@
+"""LoRA adapters and concept tokens: add them to the models, write them in files that other
+tools load, and load those files back into a stock diffusers pipeline.
+
+A run directory gets three files (DESIGN.md, decision 3 and the run-directory contract):
+
+    lora.safetensors         diffusers' format: ``unet.<module>.lora.down.weight`` /
+                             ``text_encoder.text_model.<module>.lora_linear_layer.down.weight``,
+                             alpha and rank in diffusers' ``lora_adapter_metadata`` header entry
+    lora_kohya.safetensors   kohya / A1111 / ComfyUI: ``lora_unet_<module>.lora_down.weight``,
+                             ``.lora_up.weight`` and a scalar ``.alpha`` per module, ss_* header
+    embeddings.safetensors   textual-inversion embeddings of the concept tokens, one
+                             ``{token: (1, dim)}`` entry per token
+
+The LoRA is peft's: ``W x + (alpha / r) * B A x`` with A (r, in) and B (out, r). The kohya
+file keeps the raw factors with the true per-module alpha (loaders compute alpha / rank
+themselves); diffusers' own ``convert_state_dict_to_kohya`` writes alpha = rank, which
+mis-scales any LoRA trained with alpha != rank, so it is not used here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from sai_diffusion.errors import UserError
+from sai_diffusion.fsutil import atomic_path
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+    from transformers import PreTrainedTokenizerBase
+
+ADAPTER = "default"  # the peft adapter name used while training
+LORA_FILE = "lora.safetensors"
+KOHYA_FILE = "lora_kohya.safetensors"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+# Training-metadata keys the caller may give, and the kohya header names they are copied to.
+_SS_ALIASES = {
+    "optimizer": "ss_optimizer",
+    "learning_rate": "ss_learning_rate",
+    "max_train_steps": "ss_max_train_steps",
+    "resolution": "ss_resolution",
+}
+_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+_INITS = {"default": True, "gaussian": "gaussian"}  # our name -> peft's init_lora_weights
+
+_Factors = tuple[torch.Tensor, torch.Tensor, float]  # (A (r, in), B (out, r), alpha)
+
+
+# --------------------------------------------------------------------------- adding LoRA
+
+
+def add_lora(
+    unet: nn.Module,
+    text_encoder: nn.Module | None = None,
+    *,
+    rank: int,
+    alpha: float,
+    unet_targets: Iterable[str] = UNET_TARGETS,
+    text_encoder_targets: Iterable[str] = TEXT_ENCODER_TARGETS,
+    text_encoder_rank: int | None = None,
+    text_encoder_alpha: float | None = None,
+    init: str = "default",
+) -> None:
+    """Freeze ``unet`` (and ``text_encoder``) and inject a peft LoRA adapter named "default".
+
+    Targets are module-name suffixes, matched the way peft matches them (``to_out.0`` matches
+    ``...attn1.to_out.0``). B starts at zero, so the adapted model starts equal to the base one.
+    Afterwards only the LoRA factors require grad. The text encoder gets LoRA only when it is
+    given; its rank and alpha default to the UNet's.
+
+    Raises:
+        UserError: a target matches no Linear/Conv2d module, or ``init`` is unknown.
+    """
+    from peft import LoraConfig
+
+    if init not in _INITS:
+        raise UserError(f"Unknown LoRA init {init!r}; use one of {sorted(_INITS)}.")
+    parts = [(unet, tuple(unet_targets), rank, alpha)]
+    if text_encoder is not None:
+        te_rank = rank if text_encoder_rank is None else text_encoder_rank
+        te_alpha = alpha if text_encoder_alpha is None else text_encoder_alpha
+        parts.append((text_encoder, tuple(text_encoder_targets), te_rank, te_alpha))
+
+    # Check every target before touching any model, so a typo leaves both models unchanged.
+    for model, targets, _, _ in parts:
+        _check_targets(model, targets)
+    for model, targets, r, a in parts:
+        model.requires_grad_(False)  # before injection: the LoRA factors are created trainable
+        config = LoraConfig(
+            r=r, lora_alpha=a, target_modules=list(targets), init_lora_weights=_INITS[init]
+        )
+        # diffusers' ModelMixin.add_adapter and transformers' PeftAdapterMixin.add_adapter
+        model.add_adapter(config, adapter_name=ADAPTER)
+
+
+def _check_targets(model: nn.Module, targets: tuple[str, ...]) -> None:
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in layers):
+            available = ", ".join(_short_names(layers))
+            raise UserError(
+                f"LoRA target {target!r} matches no Linear or Conv2d module of the "
+                f"{type(model).__name__}; available names include: {available}. "
+                "Fix the target list (`lora_targets` in the run config)."
+            )
+
+
+def _short_names(names: list[str], limit: int = 12) -> list[str]:
+    """Distinct module-name suffixes users can target: ``to_q``, ``to_out.0``, ``ff.net.2``."""
+    short = []
+    for name in names:
+        parts = name.split(".")
+        # Keep the parent of an indexed child (``to_out.0``), else just the last part.
+        tail = ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+        if tail not in short:
+            short.append(tail)
+    return short[:limit]
+
+
+# --------------------------------------------------------------------------- concept tokens
+
+
+def add_concept_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    text_encoder: nn.Module,
+    tokens: list[str],
+    *,
+    init_word: str,
+    init_noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Add ``tokens`` to the tokenizer and give each a new embedding row; return their ids.
+
+    Each new row is the mean of ``init_word``'s token embeddings plus, when ``init_noise_std``
+    is > 0, Gaussian noise of that std (Mix-of-Show starts concept tokens from the class word
+    plus a small random vector). The embedding weight keeps its requires_grad flag.
+
+    Raises:
+        UserError: a token is already in the vocabulary or repeated, or ``init_word`` gives
+            no tokens.
+    """
+    vocab = tokenizer.get_vocab()
+    for token in tokens:
+        if token in vocab:
+            raise UserError(
+                f"Concept token {token!r} is already in the tokenizer's vocabulary, so training "
+                f"it would change an existing word. Pick a new token, e.g. '<{token.strip('<>')}1>'."
+            )
+    if len(set(tokens)) != len(tokens):
+        raise UserError(f"Concept tokens repeat: {tokens}. Give each concept its own token.")
+    init_ids = tokenizer(init_word, add_special_tokens=False).input_ids
+    if not init_ids:
+        raise UserError(
+            f"The init word {init_word!r} tokenises to nothing. Set `class_word` in the concept "
+            "config to a real word (e.g. 'man', 'dog')."
+        )
+
+    embedding = text_encoder.get_input_embeddings()
+    trainable = embedding.weight.requires_grad
+    start = embedding.weight.shape[0]
+    base = embedding.weight.detach()[init_ids].float().mean(dim=0)  # (dim,)
+
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if min(ids) < start:  # the tokenizer and the embedding disagreed on the vocabulary size
+        raise ValueError(f"New token ids {ids} overlap the existing {start} embedding rows.")
+    # mean_resizing=False: its covariance over the whole (49408, 768) table is wasted work,
+    # every new row is overwritten below.
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = text_encoder.get_input_embeddings().weight  # a new tensor after the resize
+    noise_device = generator.device if generator is not None else "cpu"
+    with torch.no_grad():
+        for token_id in ids:
+            row = base.clone()
+            if init_noise_std > 0:
+                noise = torch.randn(row.shape, generator=generator, device=noise_device)
+                row += init_noise_std * noise.to(row.device)
+            weight[token_id] = row.to(weight.dtype)
+    weight.requires_grad_(trainable)
+    return ids
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_lora(
+    run_dir: Path,
+    *,
+    unet: nn.Module,
+    text_encoder: nn.Module | None = None,
+    rank: int,
+    alpha: float,
+    text_encoder_alpha: float | None = None,
+    metadata: Mapping[str, str],
+) -> dict[str, Path]:
+    """Write ``lora.safetensors`` (diffusers) and ``lora_kohya.safetensors`` into ``run_dir``.
+
+    Both carry the LoRA of ``unet`` and, if it has one, of ``text_encoder``, with the training
+    ``metadata`` in the header (string values only; ``optimizer``, ``learning_rate``,
+    ``max_train_steps`` and ``resolution`` are also copied to kohya's ss_* names). ``rank``,
+    ``alpha`` and ``text_encoder_alpha`` (default: ``alpha``) must match the adapters: they
+    are checked, because a wrong alpha gives a file that loads but is mis-scaled.
+
+    Returns:
+        {"lora": path, "lora_kohya": path}
+    """
+    run_dir = Path(run_dir)
+    _check_metadata(metadata)
+    te_alpha = alpha if text_encoder_alpha is None else text_encoder_alpha
+    parts = [("unet", unet, _lora_modules(unet, "unet"))]
+    te_modules = _lora_modules(text_encoder, "text_encoder") if text_encoder is not None else {}
+    if te_modules:  # a text encoder without LoRA (only new tokens) adds nothing here
+        parts.append(("text_encoder", text_encoder, te_modules))
+    if not parts[0][2]:
+        raise ValueError("The UNet has no LoRA adapter: call add_lora before save_lora.")
+    _check_rank_alpha(parts[0][2], "UNet", rank=rank, alpha=alpha)
+    if len(parts) > 1:
+        _check_rank_alpha(parts[1][2], "text encoder", rank=None, alpha=te_alpha)
+
+    diffusers_tensors, adapter_config, kohya_tensors = {}, {}, {}
+    for prefix, model, modules in parts:
+        diffusers_tensors |= _diffusers_tensors(model, prefix)
+        adapter_config |= _adapter_config(model, prefix)
+        kohya_tensors |= _kohya_tensors(modules, _KOHYA_PREFIXES[prefix])
+
+    header = _training_header(metadata, rank=rank, alpha=alpha,
+                              text_encoder_alpha=te_alpha if len(parts) > 1 else None)  # fmt: skip
+    # diffusers rebuilds each LoraConfig (r, lora_alpha, targets) from this entry; a loader
+    # that ignores it (diffusers before its 2025 LoRA-metadata change) assumes alpha = rank.
+    diffusers_header = {
+        **header,
+        "lora_adapter_metadata": json.dumps(adapter_config, sort_keys=True),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"lora": run_dir / LORA_FILE, "lora_kohya": run_dir / KOHYA_FILE}
+    _atomic_save(diffusers_tensors, paths["lora"], diffusers_header)
+    _atomic_save(kohya_tensors, paths["lora_kohya"], header)
+    return paths
+
+
+def _training_header(
+    metadata: Mapping[str, str], *, rank: int, alpha: float, text_encoder_alpha: float | None
+) -> dict[str, str]:
+    """The caller's metadata plus the ss_* fields kohya-reading tools show (dim, alpha, ...)."""
+    header = {"format": "pt", **metadata}
+    header |= {ss: metadata[key] for key, ss in _SS_ALIASES.items() if key in metadata}
+    if header.get("ss_resolution", "").isdigit():  # kohya writes "(512, 512)"
+        header["ss_resolution"] = f"({header['ss_resolution']}, {header['ss_resolution']})"
+    header |= {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+    }
+    if text_encoder_alpha is not None:  # kohya has one alpha; ours may differ per model
+        header["sai_text_encoder_alpha"] = str(float(text_encoder_alpha))
+    return header
+
+
+def save_embeddings(
+    path: Path, *, tokenizer: PreTrainedTokenizerBase, text_encoder: nn.Module, tokens: list[str]
+) -> Path:
+    """Write the embedding rows of ``tokens`` as a textual-inversion file: ``{token: (1, dim)}``.
+
+    One token: stock ``pipe.load_textual_inversion(path)`` reads it (the single key names the
+    token; ``token=`` may rename it), and so do A1111 and ComfyUI. Several tokens: diffusers
+    reads a file only when it has one key, so load them with ``load_lora_into`` or pass the
+    tensors: ``pipe.load_textual_inversion([sd[t] for t in tokens], token=tokens)``. The
+    header's ``tokens`` entry (JSON list) keeps their order.
+    """
+    path = Path(path)
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        raise ValueError(f"Tokens {missing} are not in the tokenizer: add them first.")
+    ids = torch.tensor([vocab[t] for t in tokens])
+    embedding = text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        # A lookup, not .weight[ids]: a training-time wrapper (tokens.ConceptTokenEmbedding)
+        # keeps the trained rows outside .weight.
+        rows = embedding(ids.to(embedding.weight.device)).float().cpu()  # (n, dim)
+    tensors = {t: rows[i : i + 1].clone() for i, t in enumerate(tokens)}  # (1, dim) each
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save(tensors, path, {"format": "pt", "tokens": json.dumps(tokens)})
+    return path
+
+
+def _check_metadata(metadata: Mapping[str, str]) -> None:
+    bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise TypeError(f"safetensors metadata must map str to str; bad entries: {bad}")
+
+
+def _lora_modules(model: nn.Module, what: str) -> dict[str, _Factors]:
+    """{canonical module name: (A (r, in), B (out, r), alpha)} for every LoRA layer of ``model``."""
+    from peft.tuners.lora import LoraLayer
+
+    found = {}
+    for name, module in model.named_modules():
+        if not (isinstance(module, LoraLayer) and ADAPTER in module.lora_A):
+            continue
+        r, alpha = module.r[ADAPTER], module.lora_alpha[ADAPTER]
+        # Refuse what the files cannot express: rsLoRA (alpha / sqrt r) or a scale changed
+        # after injection (set_adapters weights).
+        if abs(module.scaling[ADAPTER] - alpha / r) > 1e-9 * max(1.0, alpha / r):
+            raise ValueError(
+                f"{what}.{name}: LoRA scaling {module.scaling[ADAPTER]} != alpha / rank "
+                f"({alpha} / {r}); files would be mis-scaled."
+            )
+        down = module.lora_A[ADAPTER].weight
+        up = module.lora_B[ADAPTER].weight
+        found[_canonical(name, what)] = (down, up, float(alpha))
+    return found
+
+
+def _canonical(name: str, what: str) -> str:
+    """Module names as SD 1.5 LoRA files spell them.
+
+    transformers 5 flattened CLIPTextModel (``encoder.layers.0...``); kohya, A1111 and older
+    diffusers/transformers say ``text_model.encoder.layers.0...``, and diffusers 0.42 strips
+    that prefix again when loading into a flattened model.
+    """
+    if what == "text_encoder" and not name.startswith("text_model."):
+        return "text_model." + name
+    return name
+
+
+def _check_rank_alpha(
+    modules: dict[str, _Factors], what: str, *, rank: int | None, alpha: float
+) -> None:
+    for name, (down, _, module_alpha) in modules.items():
+        if (rank is not None and down.shape[0] != rank) or module_alpha != alpha:
+            raise ValueError(
+                f"{what} LoRA module {name} has rank {down.shape[0]}, alpha {module_alpha}; "
+                f"save_lora was told rank {rank}, alpha {alpha}."
+            )
+
+
+def _diffusers_tensors(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """peft state dict -> diffusers' SD keys, via diffusers' own converter.
+
+    The converter only knows the default attention targets; any other target (``proj_in``,
+    ``fc1``) keeps peft's ``lora_A``/``lora_B``, and diffusers' loader decides the key style
+    from the first key only, so such leftovers are renamed with the generic rule its loader
+    inverts (UNet ``.lora.down``, text encoder ``.lora_linear_layer.down``).
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    # save_embedding_layers=False: after add_concept_tokens peft's "auto" would add the whole
+    # resized token-embedding matrix; the concept rows go to embeddings.safetensors instead.
+    peft_sd = get_peft_model_state_dict(model, adapter_name=ADAPTER, save_embedding_layers=False)
+    converted = convert_state_dict_to_diffusers(peft_sd)
+    generic = "lora" if prefix == "unet" else "lora_linear_layer"
+    out = {}
+    for key, tensor in converted.items():
+        key = key.replace(".lora_A.", f".{generic}.down.").replace(".lora_B.", f".{generic}.up.")
+        out[f"{prefix}.{_canonical(key, prefix)}"] = tensor.detach().contiguous()
+    return out
+
+
+def _adapter_config(model: nn.Module, prefix: str) -> dict[str, object]:
+    """The LoraConfig fields diffusers needs to rebuild the adapter, keyed ``<prefix>.<field>``.
+
+    Only the fields that shape the forward pass: a full ``LoraConfig.to_dict()`` would carry
+    fields that older peft versions reject.
+    """
+    config = model.peft_config[ADAPTER]
+    targets = config.target_modules
+    fields = {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "target_modules": sorted(targets) if isinstance(targets, set | list) else targets,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "lora_bias": config.lora_bias,
+    }
+    return {f"{prefix}.{k}": v for k, v in fields.items()}
+
+
+def _kohya_tensors(modules: dict[str, _Factors], prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, (down, up, alpha) in modules.items():
+        base = prefix + name.replace(".", "_")
+        out[f"{base}.lora_down.weight"] = down.detach().contiguous()
+        out[f"{base}.lora_up.weight"] = up.detach().contiguous()
+        out[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)  # 0-dim, as kohya writes it
+    return out
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file so that ``path`` is either absent/old or the complete new one."""
+    data = safetensors.torch.save({k: v.cpu() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_lora_into(
+    pipe: StableDiffusionPipeline,
+    run_dir: Path,
+    *,
+    weight: float = 1.0,
+    adapter_name: str | None = None,
+    fuse: bool = False,
+) -> str:
+    """Load a run's concept tokens and LoRA into a stock diffusers SD pipeline; return the
+    adapter name.
+
+    Uses only diffusers' public API: ``load_textual_inversion`` for ``embeddings.safetensors``
+    (when present), ``load_lora_weights`` for ``lora.safetensors``, then ``set_adapters`` with
+    ``weight`` (0 gives the base model, 1 the trained one). This adapter becomes the only
+    active one. With ``fuse`` the scaled LoRA is merged into the base weights (faster
+    sampling; ``pipe.unfuse_lora()`` undoes it).
+
+    Raises:
+        UserError: ``lora.safetensors`` is missing, or a concept token is already in the
+            pipeline's tokenizer (load each run into its own pipeline).
+    """
+    run_dir = Path(run_dir)
+    lora_path = run_dir / LORA_FILE
+    if not lora_path.is_file():
+        raise UserError(
+            f"{lora_path} not found: is {run_dir} a finished sai-train-lora run directory?"
+        )
+
+    emb_path = run_dir / EMBEDDINGS_FILE
+    if emb_path.is_file():
+        with safetensors.safe_open(emb_path, framework="pt") as f:
+            header = f.metadata() or {}
+            tokens = json.loads(header["tokens"]) if "tokens" in header else list(f.keys())
+            embeddings = [f.get_tensor(t) for t in tokens]
+        taken = [t for t in tokens if t in pipe.tokenizer.get_vocab()]
+        if taken:
+            raise UserError(
+                f"Token(s) {taken} from {emb_path} are already in this pipeline's tokenizer "
+                "(another run of the same concept?). Load each run into a fresh pipeline."
+            )
+        pipe.load_textual_inversion(embeddings, token=tokens)
+
+    before = _adapter_names(pipe)
+    pipe.load_lora_weights(run_dir, weight_name=LORA_FILE, adapter_name=adapter_name)
+    if adapter_name is None:  # diffusers picked "default_<i>"
+        (adapter_name,) = _adapter_names(pipe) - before
+    pipe.set_adapters([adapter_name], adapter_weights=[weight])
+    if fuse:
+        pipe.fuse_lora(adapter_names=[adapter_name])
+    return adapter_name
+
+
+def _adapter_names(pipe: StableDiffusionPipeline) -> set[str]:
+    return {name for names in pipe.get_list_adapters().values() for name in names}

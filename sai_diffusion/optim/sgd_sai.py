@@ -1,0 +1,416 @@
+"""SGD-SaI: SGD with momentum and learning-rate Scaling at Initialization.
+
+Paper: Xu, Xiang, Cai, Wen, "No More Adam: Learning Rate Scaling at Initialization is All You
+Need", arXiv:2412.11768, Algorithm 1. Each parameter tensor ("block") i gets a constant learning
+rate scale from the gradient signal-to-noise ratio of its first gradient,
+
+    gsnr_i  = ||g_i||_2 / (sqrt(var(g_i)) + eps)      scale_i = gsnr_i / max_k gsnr_k,
+
+and then trains as SGD with momentum and decoupled weight decay:
+
+    m <- mu * m + (1 - mu) * g      (m = g on a block's first step)
+    theta <- theta * (1 - lr * wd) - lr * scale_i * m.
+
+What this implementation adds to the released ones (shared/REFERENCES.md, section 2):
+
+* LoRA-safe: a block whose gradient is None or all zero is not initialised and not touched. Its
+  g-SNR is taken on its first step with a non-zero gradient (LoRA's A factor has a zero gradient
+  on step 1 because B starts at zero; the released code freezes it forever). Under
+  ``normalize="max"`` the max is frozen when first set, so later blocks never rescale the
+  others, and their scale is clamped to 1: the global lr stays the largest per-block step.
+* Degenerate blocks (one element, or a gradient with zero variance) have no defined g-SNR
+  (sqrt(var) = 0 gives |g| / eps ~ 1e8 in the released code, which swamps every other scale).
+  Rule: they take scale 1, i.e. the plain global lr as SGD-momentum would, and are left out of
+  the max, so they never change another block's scale.
+* Everything is in ``state_dict()``: a resumed run keeps its scales, its max and which blocks are
+  initialised, and continues bitwise identical to an uninterrupted run.
+* ``step()`` never waits for the device. Which blocks got initialised on step t is copied to the
+  host asynchronously and read at the start of step t + 1; from then on a block's scale is a
+  host float and the update is three multi-tensor kernels per (device, dtype) group.
+* bf16/fp16 parameters: momentum is kept in fp32 and all math is fp32, rounded once on write.
+* ``normalize="none"`` reproduces the released ``sgd-sai`` 1.0.3 (raw g-SNR as the scale, the
+  unbiased variance of ``Tensor.std()``), for comparison with published numbers.
+
+Distributed training: g-SNR is computed from the gradients ``step()`` sees. Under DDP (and
+accelerate) these are all-reduced, unscaled by the GradScaler and fully accumulated, so every
+rank computes the same scales. Sharded parameters (FSDP/ZeRO-3) would need global reductions of
+the norm, variance and max and are not supported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+NORMALIZE_MODES = ("max", "none")
+# The update of a chunk needs one temporary the size of the chunk; bound it to 256 MB of fp32.
+_CHUNK_NUMEL = 1 << 26
+
+# Per-parameter state keys holding scalars or buffers whose dtype must survive load_state_dict
+# (torch casts floating state to the parameter's dtype, which would turn fp32 momentum of a
+# bf16 parameter into bf16).
+_STATE_KEYS = ("momentum_buffer", "gsnr", "scale", "gsnr_max", "initialised", "degenerate")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class SGDSaI(Optimizer):
+    """SGD-SaI (arXiv:2412.11768, Algorithm 1), LoRA-safe and resumable.
+
+    Args:
+        params: parameters or param groups (groups may set lr, momentum, weight_decay, eps,
+            maximize).
+        lr: global learning rate; the largest per-block step under ``normalize="max"``.
+        momentum: mu in m <- mu m + (1 - mu) g; 0 disables the buffer.
+        weight_decay: decoupled decay, theta <- theta (1 - lr wd), not multiplied by the scale.
+        eps: added to sqrt(variance) in the g-SNR denominator.
+        normalize: ``"max"`` (paper: scales in (0, 1]) or ``"none"`` (released sgd-sai 1.0.3).
+        maximize: ascend instead of descend.
+        foreach: multi-tensor kernels (default) or a per-tensor loop; both give identical results.
+
+    Raises:
+        ValueError: for an invalid hyperparameter, naming it and its valid range.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        normalize: str = "max",
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        _check_hyperparameters(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps)
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(
+                f"SGDSaI: normalize must be one of {NORMALIZE_MODES}, got {normalize!r}"
+            )
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eps=eps,
+            maximize=maximize,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+        self.normalize = normalize
+        for group in self.param_groups:
+            _check_hyperparameters(
+                **{k: group[k] for k in ("lr", "momentum", "weight_decay", "eps")}
+            )
+        self._reset_host_view()
+
+    # ------------------------------------------------------------------ host-side view of state
+    def _reset_host_view(self) -> None:
+        # scale of every initialised block, as a host float (read once, never per step)
+        self._scales: dict[Tensor, float] = {}
+        # the frozen max g-SNR, a 0-dim fp32 device tensor (NaN until set)
+        self._gsnr_max: Tensor | None = None
+        # blocks initialised on the last step, with their (flag, scale) pairs in flight to the host
+        self._in_flight: list[tuple[list[Tensor], Tensor, Any]] = []
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_host_view()
+        self._read_host_view_from_state()
+
+    def _read_host_view_from_state(self) -> None:
+        """Rebuild the host view from the state dicts (reads device values: load time only)."""
+        maxima = []
+        for p, st in self.state.items():
+            if "initialised" not in st:
+                continue
+            if bool(st["initialised"]):
+                self._scales[p] = float(st["scale"])
+            if "gsnr_max" in st and not torch.isnan(st["gsnr_max"]):
+                maxima.append(st["gsnr_max"])
+        if maxima:
+            self._gsnr_max = maxima[0].detach().clone()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict["state"]
+        # keep our tensors' dtypes: torch would cast them to each parameter's dtype
+        keep = {
+            pid: {k: v for k, v in st.items() if k in _STATE_KEYS and torch.is_tensor(v)}
+            for pid, st in saved.items()
+        }
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        super().load_state_dict(state_dict)
+        for pid, p in zip(saved_ids, params, strict=False):
+            for key, value in keep.get(pid, {}).items():
+                self.state[p][key] = value.detach().clone().to(device=p.device)
+        self._reset_host_view()
+        self._read_host_view_from_state()
+
+    @property
+    def gsnr_max(self) -> float | None:
+        """The frozen max g-SNR of ``normalize="max"`` (None until set). Reads the device."""
+        self._drain_in_flight()
+        if self._gsnr_max is None or torch.isnan(self._gsnr_max):
+            return None
+        return float(self._gsnr_max)
+
+    # ------------------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        self._drain_in_flight()
+        fresh: list[tuple[dict[str, Any], Tensor]] = []
+        for group in self.param_groups:
+            settled = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SGDSaI does not support sparse gradients")
+                if p in self._scales:
+                    settled.append(p)
+                else:
+                    fresh.append((group, p))
+            if settled:
+                self._update_settled(group, settled)
+        if fresh:
+            self._initialise(fresh)
+        return loss
+
+    def _drain_in_flight(self) -> None:
+        """Learn which blocks the previous step initialised (already on the host by now)."""
+        for params, host, event in self._in_flight:
+            if event is not None:
+                event.synchronize()
+            for p, (flag, scale) in zip(params, host.tolist(), strict=True):
+                if flag:
+                    self._scales[p] = scale
+        self._in_flight = []
+
+    def _initialise(self, fresh: list[tuple[dict[str, Any], Tensor]]) -> None:
+        """First step of blocks without a scale yet: g-SNR, scale, m = g, masked update.
+
+        Everything stays on the device: a block whose gradient turns out to be all zero gets
+        scale 0 and decay factor 1, so the update leaves it untouched and it is fresh again on
+        the next step.
+        """
+        stats = []
+        for group, p in fresh:
+            g = p.grad.to(_compute_dtype(p.dtype))
+            if group["maximize"]:
+                g = -g
+            flat = g.reshape(-1)
+            norm = torch.linalg.vector_norm(flat)
+            if flat.numel() > 1:
+                var = flat.var(correction=0 if self.normalize == "max" else 1)
+                degenerate = var == 0
+                gsnr = norm / (var.sqrt() + group["eps"])
+                gsnr = torch.where(degenerate, torch.zeros_like(gsnr), gsnr)
+            else:
+                degenerate = torch.ones((), dtype=torch.bool, device=g.device)
+                gsnr = torch.zeros_like(norm)
+            stats.append((g, norm > 0, degenerate, gsnr.float()))
+
+        device = fresh[0][1].device
+        gsnr_max = self._update_gsnr_max(stats, device)
+
+        by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
+        for (group, p), (g, nonzero, degenerate, gsnr) in zip(fresh, stats, strict=True):
+            if self.normalize == "max":
+                ratio = torch.clamp(gsnr / gsnr_max.to(gsnr.device), max=1.0)
+            else:
+                ratio = gsnr
+            scale = torch.where(degenerate, torch.ones_like(gsnr), ratio)
+            scale = torch.where(nonzero, scale, torch.zeros_like(scale))
+
+            state = self.state[p]
+            state.update(
+                gsnr=gsnr,
+                scale=scale,
+                gsnr_max=gsnr_max.clone().to(gsnr.device),
+                initialised=nonzero,
+                degenerate=degenerate,
+            )
+            m = g.clone(memory_format=torch.preserve_format)
+            if group["momentum"] != 0:
+                state["momentum_buffer"] = m
+
+            lr, wd = group["lr"], group["weight_decay"]
+            theta = p.to(m.dtype, copy=True)
+            if wd != 0:
+                theta.mul_(torch.where(nonzero, 1.0 - lr * wd, 1.0).to(m.dtype))
+            theta.add_(m * (scale.to(m.dtype) * -lr))
+            p.copy_(theta)
+
+            params, flags = by_device.setdefault(p.device, ([], []))
+            params.append(p)
+            flags.append(torch.stack([nonzero.float(), scale]))
+
+        for dev, (params, flags) in by_device.items():
+            packed = torch.stack(flags)
+            if dev.type == "cuda":
+                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                host.copy_(packed, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host, event = packed.to("cpu"), None
+            self._in_flight.append((params, host, event))
+
+    def _update_gsnr_max(
+        self, stats: list[tuple[Tensor, Tensor, Tensor, Tensor]], device
+    ) -> Tensor:
+        """The max g-SNR over initialised non-degenerate blocks, frozen once it exists."""
+        candidates = torch.stack(
+            [
+                torch.where(nonzero & ~degenerate, gsnr, torch.zeros_like(gsnr)).to(device)
+                for _, nonzero, degenerate, gsnr in stats
+            ]
+        )
+        step_max = candidates.max()
+        step_max = torch.where(step_max > 0, step_max, torch.full_like(step_max, math.nan))
+        if self._gsnr_max is None:
+            self._gsnr_max = step_max
+        else:
+            old = self._gsnr_max.to(device)
+            self._gsnr_max = torch.where(torch.isnan(old), step_max, old)
+        return self._gsnr_max
+
+    def _update_settled(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """theta <- theta (1 - lr wd) - lr scale m, for blocks whose scale is known."""
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        foreach = group["foreach"] is not False
+        for batch in _group_by_device_and_dtype(params):
+            for chunk in _chunks(batch, _CHUNK_NUMEL):
+                steps = [-lr * self._scales[p] for p in chunk]
+                grads = [p.grad for p in chunk]
+                moms = [self.state[p]["momentum_buffer"] for p in chunk] if mu != 0 else None
+                low_precision = chunk[0].dtype != _compute_dtype(chunk[0].dtype)
+                if low_precision:
+                    grads = [g.float() for g in grads]
+                    thetas = [p.float() for p in chunk]
+                else:
+                    thetas = chunk
+                _sgd_sai_update(
+                    thetas,
+                    grads,
+                    moms,
+                    steps,
+                    momentum=mu,
+                    decay=1.0 - lr * wd,
+                    maximize=group["maximize"],
+                    foreach=foreach,
+                )
+                if low_precision:
+                    for p, theta in zip(chunk, thetas, strict=True):
+                        p.copy_(theta)
+
+    # ----------------------------------------------------------------------------- read-out
+    def gsnr_table(self, names: dict[Tensor, str] | None = None) -> list[dict[str, Any]]:
+        """Per-block g-SNR and scale, in param-group order (reads the device: not in a loop).
+
+        ``names`` maps parameters to names (e.g. ``{p: n for n, p in model.named_parameters()}``);
+        unnamed blocks are called ``group{g}.{i}``.
+        """
+        self._drain_in_flight()
+        rows = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                st = self.state.get(p, {})
+                initialised = bool(st["initialised"]) if "initialised" in st else False
+                rows.append(
+                    dict(
+                        name=(names or {}).get(p, f"group{gi}.{pi}"),
+                        shape=tuple(p.shape),
+                        numel=p.numel(),
+                        initialised=initialised,
+                        degenerate=bool(st["degenerate"]) if initialised else False,
+                        gsnr=float(st["gsnr"]) if initialised else None,
+                        scale=float(st["scale"]) if initialised else None,
+                        lr=group["lr"],
+                    )
+                )
+        return rows
+
+
+def _sgd_sai_update(
+    thetas: list[Tensor],
+    grads: list[Tensor],
+    moms: list[Tensor] | None,
+    steps: list[float],
+    *,
+    momentum: float,
+    decay: float,
+    maximize: bool,
+    foreach: bool,
+) -> None:
+    """The steady-state update; the foreach and loop paths run the same ops in the same order."""
+    if foreach:
+        if maximize:
+            grads = torch._foreach_neg(grads)
+        if moms is not None:
+            torch._foreach_lerp_(moms, grads, 1.0 - momentum)
+        direction = moms if moms is not None else grads
+        if decay != 1.0:
+            torch._foreach_mul_(thetas, decay)
+        torch._foreach_add_(thetas, torch._foreach_mul(direction, steps))
+        return
+    for i, theta in enumerate(thetas):
+        g = grads[i].neg() if maximize else grads[i]
+        if moms is not None:
+            moms[i].lerp_(g, 1.0 - momentum)
+        direction = moms[i] if moms is not None else g
+        if decay != 1.0:
+            theta.mul_(decay)
+        theta.add_(direction.mul(steps[i]))
+
+
+def _group_by_device_and_dtype(params: list[Tensor]) -> list[list[Tensor]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    return list(groups.values())
+
+
+def _chunks(params: list[Tensor], max_numel: int) -> list[list[Tensor]]:
+    chunks, current, size = [], [], 0
+    for p in params:
+        if current and size + p.numel() > max_numel:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += p.numel()
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _check_hyperparameters(*, lr: float, momentum: float, weight_decay: float, eps: float) -> None:
+    if isinstance(lr, Tensor):
+        raise ValueError("SGDSaI: lr must be a Python float, not a tensor")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"SGDSaI: lr must be a finite number > 0, got {lr}")
+    if not (0.0 <= momentum < 1.0):
+        raise ValueError(f"SGDSaI: momentum must be in [0, 1), got {momentum}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"SGDSaI: weight_decay must be a finite number >= 0, got {weight_decay}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"SGDSaI: eps must be a finite number >= 0, got {eps}")
+
+
+def gsnr_table(optimizer: SGDSaI, named_params: Iterable[tuple[str, Tensor]] | None = None):
+    """``optimizer.gsnr_table`` with names taken from ``model.named_parameters()``-style pairs."""
+    names = {p: n for n, p in named_params} if named_params is not None else None
+    return optimizer.gsnr_table(names)
