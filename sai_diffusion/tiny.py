@@ -2,7 +2,7 @@
 starting point of the miniature world.
 
 Same component classes, block types and checkpoint layout as SD 1.5 (configs/sd15), only
-narrower and shallower: a UNet of ~1 M parameters, a two-level AutoencoderKL (latents are
+narrower and shallower: a UNet of ~0.8 M parameters, a two-level AutoencoderKL (latents are
 half the image side, 4 channels), a 5-layer CLIP text encoder of width 32 and a CLIP BPE
 tokenizer cut to the first ``num_merges`` merges (ids shared with SD 1.5 below 512 + N).
 Everything LoRA training touches (attention projections, the text encoder, token embeddings,
@@ -14,6 +14,7 @@ the single-file layout) is where it is in the full model.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,8 +42,7 @@ _SCHEDULERS = {"pndm": PNDMScheduler, "ddpm": DDPMScheduler}
 
 
 def _sd15_config(component: str, filename: str = "config.json") -> dict:
-    import json
-
+    """A component config of the shipped SD 1.5 folder, without diffusers' bookkeeping keys."""
     data = json.loads((sd15_config_dir() / component / filename).read_text(encoding="utf-8"))
     return {k: v for k, v in data.items() if not k.startswith("_")}
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -79,6 +80,9 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
         seed=cfg.seed,
     )
 
+    # accelerate keeps one global state per process; a second run in the same process (tests,
+    # the app) may want another precision. The distributed part (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available()
     )

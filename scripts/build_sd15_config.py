@@ -113,6 +113,8 @@ SCHEDULER = {  # PNDM with the scaled-linear betas SD 1.x was trained with
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "beta_start": 0.00085,
+    # PNDM ignores it; DDPM/DDIM built from this config must not clip latents to [-1, 1].
+    "clip_sample": False,
     "num_train_timesteps": 1000,
     "prediction_type": "epsilon",
     "set_alpha_to_one": False,

@@ -57,11 +57,15 @@ def build_optimizer(
             kwargs["eps"] = eps
         return SGDSaI(groups, lr=lr, **kwargs)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps or 1e-8, foreach=foreach)
+        return torch.optim.AdamW(
+            groups, lr=lr, betas=betas, eps=1e-8 if eps is None else eps, foreach=foreach
+        )
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=foreach)
     if name == "scaled-adamw":
-        return _riemannian(groups, torch.optim.AdamW, lr=lr, reg=reg, betas=betas, eps=eps or 1e-8)
+        return _riemannian(
+            groups, torch.optim.AdamW, lr=lr, reg=reg, betas=betas, eps=1e-8 if eps is None else eps
+        )
     return _riemannian(groups, torch.optim.SGD, lr=lr, reg=reg, momentum=momentum)
 
 

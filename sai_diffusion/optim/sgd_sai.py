@@ -102,6 +102,7 @@ class SGDSaI(Optimizer):
             eps=eps,
             maximize=maximize,
             foreach=foreach,
+            normalize=normalize,  # saved with the groups, checked on load
         )
         super().__init__(params, defaults)
         self.normalize = normalize
@@ -139,6 +140,13 @@ class SGDSaI(Optimizer):
             self._gsnr_max = maxima[0].detach().clone()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for group in state_dict["param_groups"]:
+            if group.get("normalize", self.normalize) != self.normalize:
+                raise ValueError(
+                    f"SGDSaI: this state was saved with normalize={group['normalize']!r}, but "
+                    f"the optimizer was built with normalize={self.normalize!r}; its scales "
+                    "would mean something else"
+                )
         saved = state_dict["state"]
         # keep our tensors' dtypes: torch would cast them to each parameter's dtype
         keep = {
@@ -225,6 +233,9 @@ class SGDSaI(Optimizer):
 
         device = fresh[0][1].device
         gsnr_max = self._update_gsnr_max(stats, device)
+        for st in self.state.values():  # blocks initialised before G_max existed learn it now
+            if "gsnr_max" in st:
+                st["gsnr_max"].copy_(gsnr_max)
 
         by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
         for (group, p), (g, nonzero, degenerate, gsnr) in zip(fresh, stats, strict=True):

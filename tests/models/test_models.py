@@ -71,6 +71,7 @@ def test_sd15_config_folder_describes_sd15_without_weights():
     assert scheduler["beta_schedule"] == "scaled_linear"
     assert (scheduler["beta_start"], scheduler["beta_end"]) == (0.00085, 0.012)
     assert scheduler["skip_prk_steps"] and scheduler["steps_offset"] == 1
+    assert scheduler["clip_sample"] is False  # as published; DDPM built from it must not clip
 
 
 def test_sd15_config_folder_is_what_the_build_script_writes(tmp_path):

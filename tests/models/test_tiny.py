@@ -124,6 +124,18 @@ def test_tiny_pipeline_is_deterministic_by_seed_and_leaves_global_rng_alone():
     assert not torch.equal(a.unet.conv_in.weight, b.unet.conv_in.weight)
 
 
+def test_tiny_pipeline_options():
+    pipe = build_tiny_pipeline(unet_channels=(16, 32, 32), scheduler="ddpm", num_merges=100)
+    assert list(pipe.unet.config.down_block_types) == [
+        "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"
+    ]  # fmt: skip
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"
+    assert pipe.scheduler.config.clip_sample is False  # SD 1.5's schedule, latents unclipped
+    assert len(pipe.tokenizer) == pipe.text_encoder.config.vocab_size == 614
+    with pytest.raises(ValueError, match="scheduler"):
+        build_tiny_pipeline(scheduler="euler")
+
+
 def test_tiny_pipeline_has_sd15_structure(tiny_pipeline_dir):
     index = json.loads((tiny_pipeline_dir / "model_index.json").read_text())
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]

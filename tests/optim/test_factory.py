@@ -131,7 +131,7 @@ def test_named_params_input_equals_model_input(name):
 def test_signature_follows_the_spec():
     """build_optimizer takes the spec's keyword-only arguments with the spec's defaults
     (lr, weight_decay=0.0, momentum=0.9, betas=(0.9, 0.999), eps=None, reg=1e-2,
-    no_decay_1d=True, param_groups=None); extra keywords are allowed."""
+    no_decay_1d=True); extra keywords are allowed. Param groups come as the second argument."""
     sig = inspect.signature(build_optimizer)
     expected = dict(
         weight_decay=0.0,
@@ -140,7 +140,6 @@ def test_signature_follows_the_spec():
         eps=None,
         reg=1e-2,
         no_decay_1d=True,
-        param_groups=None,
     )
     missing = [k for k in ["lr", *expected] if k not in sig.parameters]
     assert not missing, f"spec keywords missing from build_optimizer: {missing}"

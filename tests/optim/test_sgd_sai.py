@@ -954,3 +954,13 @@ def test_foreach_equals_loop_bitwise(seed, kw):
         for key, v in o0.state[a].items():
             if isinstance(v, torch.Tensor):
                 assert bitwise_equal(v, o1.state[b][key]), f"{tuple(a.shape)} {a.dtype} state {key}"
+
+
+def test_loading_a_state_saved_under_the_other_normalize_mode_is_refused():
+    """normalize travels with the state: raw g-SNR scales ("none") must never be read as
+    max-normalised ones (a flag outside the state dict would mix them silently)."""
+    params = make_params([(4, 3), (5,)], F32)
+    opt = SGDSaI(params, lr=1e-2, normalize="none")
+    run_steps(opt, params, make_grad_steps([(4, 3), (5,)], 2))
+    with pytest.raises(ValueError, match="normalize='none'"):
+        SGDSaI(params, lr=1e-2, normalize="max").load_state_dict(opt.state_dict())

@@ -123,10 +123,72 @@ def test_cli_trains_and_writes_the_run_folder(concept, tiny_pipeline_dir, tmp_pa
     rows = json.loads((out / "gsnr.json").read_text())
     assert rows and all(0 < r["scale"] <= 1 for r in rows if r["initialised"])
 
+    # sai-sample generates with the trained run: same seed, same image; other seed, another
+    args = ["--run", str(out), "--prompt", "a pencil sketch of {token}", "--steps", "2"]
+    assert cli.sample_main([*args, "--seed", "1", "--seed", "2", "--out", str(tmp_path / "s")]) == 0
+    assert cli.sample_main([*args, "--seed", "1", "--out", str(tmp_path / "t")]) == 0
+    s1, s2, t1 = (
+        Image.open(tmp_path / d / f"p00-s{k}.png") for d, k in (("s", 1), ("s", 2), ("t", 1))
+    )
+    assert s1.size == (64, 64) and s1.tobytes() == t1.tobytes() and s1.tobytes() != s2.tobytes()
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    concept, tiny_pipeline_dir, tmp_path
+):
+    """A NaN loss raises TrainingDiverged naming the step and checkpoint; no checkpoint or
+    LoRA file is written from the poisoned weights."""
+    from sai_diffusion import config, train
+
+    cfg, c = config.resolve(
+        str(concept),
+        {
+            "base_model": str(tiny_pipeline_dir),
+            "max_steps": 4,
+            "resolution": 64,
+            "checkpoint_every": 1,
+        },
+        ["validation_seeds=[]"],
+    )
+    run_dir = tmp_path / "run"
+    run = train.setup(cfg, c, run_dir)
+    run_dir.mkdir()
+    cfg.max_steps = 2
+    train.train(run)
+    cfg.max_steps = 4
+    next(p for n, p in run.trainable.items() if "lora_B" in n).data.fill_(float("nan"))
+    with pytest.raises(train.TrainingDiverged, match="step 3.*step-000002"):
+        train.train(run)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step-000001",
+        "step-000002",
+    ]
+    assert not (run_dir / "lora.safetensors").exists()
+
+
+EXTRAS = {
+    "scaled-adamw": ["--set", "mixed_precision=bf16", "--set", "vae_fp32=true"],
+    "adamw": [
+        "--set",
+        "gradient_checkpointing=true",
+        "--set",
+        "min_snr_gamma=5",
+        "--set",
+        "noise_offset=0.05",
+        "--set",
+        "lr_scheduler=cosine",
+        "--set",
+        "warmup_steps=1",
+    ],
+    "sgd": ["--batch-size", "2", "--set", "grad_accum=2", "--set", "use_masks=false"],
+}
+
 
 @pytest.mark.parametrize("optimizer", ["scaled-adamw", "adamw", "sgd"])
 def test_each_optimizer_trains(optimizer, concept, tiny_pipeline_dir, tmp_path):
-    """Every optimizer name runs through the same recipe and changes the LoRA."""
+    """Every optimizer name runs through the same recipe and changes the LoRA, each with some
+    of the recipe's options on (bf16 autocast, gradient checkpointing, min-SNR, noise offset,
+    cosine warmup, batches with gradient accumulation)."""
     out = tmp_path / optimizer
     rc = cli.train_main(
         [
@@ -143,6 +205,7 @@ def test_each_optimizer_trains(optimizer, concept, tiny_pipeline_dir, tmp_path):
             "--set",
             "validation_seeds=[]",
             *FAST[:2],
+            *EXTRAS[optimizer],
         ]
     )
     assert rc == 0
