@@ -540,6 +540,50 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def bench_set(param_set: ParamSet, device: torch.device, args: argparse.Namespace) -> dict:
+    """Measure every selected optimizer on one parameter set; print and return the results."""
+    candidates = select_candidates(args.optimizers, param_set, device)
+    check_memory(param_set, candidates, device)
+    named = materialise(param_set, device, args.seed)
+    started = time.perf_counter()
+    gc.collect()
+    gc.disable()  # a collection inside one optimizer's timed step would bias it (as timeit)
+    try:
+        runs = measure(
+            named,
+            candidates,
+            device,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            first_repeats=args.first_repeats,
+            warmup=args.warmup,
+            repeats=args.repeats,
+        )
+    finally:
+        gc.enable()
+    if not all(torch.isfinite(p).all() for _, p in named):
+        print(f"warning: {param_set.name}: parameters went non-finite; lower --lr", file=sys.stderr)
+    rows = summarise(runs, BASELINE)
+    checks = check_targets(param_set, runs)
+    print(
+        f"### {param_set.name}: {param_set.description}\n\n{param_set.numel:,} parameters in "
+        f"{len(param_set.shapes)} tensors ({_mb(param_set.numel * 4)} MiB fp32); "
+        f"{time.perf_counter() - started:.0f} s\n\n{markdown_table(rows)}\n"
+    )
+    if checks:
+        print(format_checks(checks) + "\n")
+    sys.stdout.flush()
+    return dict(
+        name=param_set.name,
+        size=param_set.size,
+        description=param_set.description,
+        numel=param_set.numel,
+        tensors=len(param_set.shapes),
+        results=rows,
+        targets=checks,
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -601,55 +645,12 @@ def main(argv: list[str] | None = None) -> None:
         ),
         sets=[],
     )
+    chosen = parse_sets(args.set, args.size, device)
     print(f"machine: {report['machine']}\n")
 
-    for name, size in parse_sets(args.set, args.size, device):
-        param_set = build_param_set(name, size)
-        candidates = select_candidates(args.optimizers, param_set, device)
-        check_memory(param_set, candidates, device)
-        named = materialise(param_set, device, args.seed)
-        started = time.perf_counter()
-        gc.collect()
-        gc.disable()  # a collection inside one optimizer's timed step would bias it (as timeit)
-        try:
-            runs = measure(
-                named,
-                candidates,
-                device,
-                lr=args.lr,
-                weight_decay=args.weight_decay,
-                first_repeats=args.first_repeats,
-                warmup=args.warmup,
-                repeats=args.repeats,
-            )
-        finally:
-            gc.enable()
-        if not all(torch.isfinite(p).all() for _, p in named):
-            print(f"warning: {name}: parameters went non-finite; lower --lr", file=sys.stderr)
-        rows = summarise(runs, BASELINE)
-        checks = check_targets(param_set, runs)
-        header = (
-            f"### {name}: {param_set.description}\n\n{param_set.numel:,} parameters in "
-            f"{len(param_set.shapes)} tensors ({_mb(param_set.numel * 4)} MiB fp32); "
-            f"{time.perf_counter() - started:.0f} s"
-        )
-        print(f"{header}\n\n{markdown_table(rows)}\n")
-        if checks:
-            print(format_checks(checks) + "\n")
-        sys.stdout.flush()
-        report["sets"].append(
-            dict(
-                name=name,
-                size=size,
-                description=param_set.description,
-                numel=param_set.numel,
-                tensors=len(param_set.shapes),
-                results=rows,
-                targets=checks,
-            )
-        )
-        del runs, named  # free this set's parameters and states before the next one
-        gc.collect()
+    for name, size in chosen:
+        report["sets"].append(bench_set(build_param_set(name, size), device, args))
+        gc.collect()  # free this set's parameters and states before the next one
 
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -63,10 +63,11 @@ def build_optimizer(
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=foreach)
     if name == "scaled-adamw":
+        eps = 1e-8 if eps is None else eps
         return _riemannian(
-            groups, torch.optim.AdamW, lr=lr, reg=reg, betas=betas, eps=1e-8 if eps is None else eps
+            groups, torch.optim.AdamW, lr=lr, reg=reg, betas=betas, eps=eps, foreach=foreach
         )
-    return _riemannian(groups, torch.optim.SGD, lr=lr, reg=reg, momentum=momentum)
+    return _riemannian(groups, torch.optim.SGD, lr=lr, reg=reg, momentum=momentum, foreach=foreach)
 
 
 def _param_groups(params, *, weight_decay: float, no_decay_1d: bool) -> list[dict[str, Any]]:

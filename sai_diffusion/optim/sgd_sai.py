@@ -254,16 +254,17 @@ class SGDSaI(Optimizer):
                 initialised=nonzero,
                 degenerate=degenerate,
             )
-            m = g.clone(memory_format=torch.preserve_format)
+            m = g
             if group["momentum"] != 0:
-                state["momentum_buffer"] = m
+                m = state["momentum_buffer"] = g.clone(memory_format=torch.preserve_format)
 
             lr, wd = group["lr"], group["weight_decay"]
-            theta = p.to(m.dtype, copy=True)
+            theta = p if p.dtype == m.dtype else p.to(m.dtype)  # fp32 math for bf16/fp16
             if wd != 0:
                 theta.mul_(torch.where(nonzero, 1.0 - lr * wd, 1.0).to(m.dtype))
-            theta.add_(m * (scale.to(m.dtype) * -lr))
-            p.copy_(theta)
+            theta.addcmul_(m, scale.to(m.dtype), value=-lr)
+            if theta is not p:
+                p.copy_(theta)
 
             params, flags = by_device.setdefault(p.device, ([], []))
             params.append(p)
@@ -304,8 +305,15 @@ class SGDSaI(Optimizer):
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         foreach = group["foreach"] is not False
         for batch in _group_by_device_and_dtype(params):
-            for chunk in _chunks(batch, _CHUNK_NUMEL):
-                steps = [-lr * self._scales[p] for p in chunk]
+            # CPU: one in-place addcmul with the 0-dim scale tensors of the state, no temporary.
+            # CUDA: a 0-dim tensor list would leave foreach's fast path, so the scales are host
+            # floats and the scaled direction is a temporary, bounded by chunking.
+            on_cpu = batch[0].device.type == "cpu"
+            for chunk in [batch] if on_cpu else _chunks(batch, _CHUNK_NUMEL):
+                if on_cpu:
+                    scales = [self.state[p]["scale"] for p in chunk]
+                else:
+                    scales = [self._scales[p] for p in chunk]
                 grads = [p.grad for p in chunk]
                 moms = [self.state[p]["momentum_buffer"] for p in chunk] if mu != 0 else None
                 low_precision = chunk[0].dtype != _compute_dtype(chunk[0].dtype)
@@ -315,15 +323,10 @@ class SGDSaI(Optimizer):
                 else:
                     thetas = chunk
                 _sgd_sai_update(
-                    thetas,
-                    grads,
-                    moms,
-                    steps,
-                    momentum=mu,
-                    decay=1.0 - lr * wd,
-                    maximize=group["maximize"],
+                    thetas, grads, moms, scales,
+                    lr=lr, momentum=mu, decay=1.0 - lr * wd, maximize=group["maximize"],
                     foreach=foreach,
-                )
+                )  # fmt: skip
                 if low_precision:
                     for p, theta in zip(chunk, thetas, strict=True):
                         p.copy_(theta)
@@ -360,14 +363,17 @@ def _sgd_sai_update(
     thetas: list[Tensor],
     grads: list[Tensor],
     moms: list[Tensor] | None,
-    steps: list[float],
+    scales: list[Tensor] | list[float],
     *,
+    lr: float,
     momentum: float,
     decay: float,
     maximize: bool,
     foreach: bool,
 ) -> None:
-    """The steady-state update; the foreach and loop paths run the same ops in the same order."""
+    """The steady-state update. ``scales`` are 0-dim tensors (in-place addcmul) or floats
+    (scaled temporary); the foreach and loop paths run the same ops in the same order."""
+    as_tensors = bool(scales) and isinstance(scales[0], Tensor)
     if foreach:
         if maximize:
             grads = torch._foreach_neg(grads)
@@ -376,7 +382,10 @@ def _sgd_sai_update(
         direction = moms if moms is not None else grads
         if decay != 1.0:
             torch._foreach_mul_(thetas, decay)
-        torch._foreach_add_(thetas, torch._foreach_mul(direction, steps))
+        if as_tensors:
+            torch._foreach_addcmul_(thetas, direction, scales, value=-lr)
+        else:
+            torch._foreach_add_(thetas, torch._foreach_mul(direction, [-lr * s for s in scales]))
         return
     for i, theta in enumerate(thetas):
         g = grads[i].neg() if maximize else grads[i]
@@ -385,7 +394,10 @@ def _sgd_sai_update(
         direction = moms[i] if moms is not None else g
         if decay != 1.0:
             theta.mul_(decay)
-        theta.add_(direction.mul(steps[i]))
+        if as_tensors:
+            theta.addcmul_(direction, scales[i], value=-lr)
+        else:
+            theta.add_(direction.mul(-lr * scales[i]))
 
 
 def _group_by_device_and_dtype(params: list[Tensor]) -> list[list[Tensor]]:

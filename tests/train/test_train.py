@@ -181,10 +181,11 @@ EXTRAS = {
         "warmup_steps=1",
     ],
     "sgd": ["--batch-size", "2", "--set", "grad_accum=2", "--set", "use_masks=false"],
+    "scaled-sgd": ["--set", "lora_targets=to_q,to_v", "--rank", "2"],
 }
 
 
-@pytest.mark.parametrize("optimizer", ["scaled-adamw", "adamw", "sgd"])
+@pytest.mark.parametrize("optimizer", ["scaled-adamw", "scaled-sgd", "adamw", "sgd"])
 def test_each_optimizer_trains(optimizer, concept, tiny_pipeline_dir, tmp_path):
     """Every optimizer name runs through the same recipe and changes the LoRA, each with some
     of the recipe's options on (bf16 autocast, gradient checkpointing, min-SNR, noise offset,
