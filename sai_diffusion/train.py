@@ -83,6 +83,9 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     # accelerate keeps one global state per process; a second run in the same process (tests,
     # the app) may want another precision. The distributed part (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        print("note: fp16 needs a GPU; training in fp32 on the CPU (mixed_precision=no)")
+        cfg.mixed_precision = "no"
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available()
     )
