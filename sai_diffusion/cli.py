@@ -1,4 +1,4 @@
-"""Command-line entry points: ``sai-train-lora`` and ``sai-sample``.
+"""Command-line entry points: ``sai-train-lora``, ``sai-sample`` and ``sai-compare``.
 
 They parse flags into the library's config and call it; bad input ends with exit code 2 and
 one message, a diverged run with exit code 3.
@@ -184,3 +184,83 @@ def sample_main(argv: list[str] | None = None) -> int:
 
 def sample_entry() -> None:
     sys.exit(_run(sample_main, None))
+
+
+# ----------------------------------------------------------------------------- sai-compare
+def compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sai-compare",
+        description="Render several runs side by side: one base model, the same prompts, "
+        "seeds, sampler (DPM-Solver++), steps and guidance. Writes a labelled grid PNG (one "
+        "row per run, one column per seed, one block per prompt, stacked under the prompt) "
+        "and an HTML report beside it with each run's settings and eval.json scores.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders of sai-train-lora")
+    p.add_argument(
+        "--prompt", action="append", required=True, help="may repeat; {token} is each run's token"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="default: 1 2")
+    p.add_argument("--out", required=True, help="grid PNG; the report goes beside it as .html")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--lora-weight", type=float, default=1.0, help="0 gives the base model")
+    p.add_argument("--resolution", type=int, help="default: the first run's")
+    p.add_argument(
+        "--with-base",
+        action="store_true",
+        help="add a row of the base model without LoRA ({token} read as the class word)",
+    )
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    return p
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    from tqdm.auto import tqdm
+
+    from .compare import SCHEDULER, Comparer, load_run_info, make_grid, row_labels, write_report
+
+    args = compare_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: give a .png file name; the report is written beside it")
+    runs = [load_run_info(Path(d)) for d in args.runs]
+    comparer = Comparer(runs, device=args.device)
+    labels = row_labels(comparer.runs, with_base=args.with_base)
+    columns = [f"seed {s}" for s in args.seeds]
+    per_prompt = len(args.seeds) * (len(runs) + int(args.with_base))
+    grids = {}
+    with tqdm(total=per_prompt * len(args.prompt), unit="image", dynamic_ncols=True) as bar:
+        for prompt in args.prompt:
+            images = comparer.generate(
+                prompt,
+                args.seeds,
+                steps=args.steps,
+                guidance=args.guidance,
+                negative_prompt=args.negative_prompt,
+                lora_weight=args.lora_weight,
+                resolution=args.resolution,
+                progress=lambda done, total: bar.update(1),
+                with_base=args.with_base,
+            )
+            grids[prompt] = make_grid(images, row_labels=labels, col_labels=columns, title=prompt)
+    settings = {
+        "seeds": args.seeds,
+        "sampler": SCHEDULER,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "negative prompt": args.negative_prompt,
+        "LoRA weight": args.lora_weight,
+        "resolution": args.resolution or comparer.runs[0].resolution,
+        "base row": "base model without LoRA, {token} read as the class word"
+        if args.with_base
+        else "no",
+    }
+    report = write_report(out, grids, comparer.runs, settings)
+    print(out)
+    print(report)
+    return 0
+
+
+def compare_entry() -> None:
+    sys.exit(_run(compare_main, None))

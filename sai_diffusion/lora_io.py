@@ -465,3 +465,82 @@ def load_lora_into(
 
 def _adapter_names(pipe: StableDiffusionPipeline) -> set[str]:
     return {name for names in pipe.get_list_adapters().values() for name in names}
+
+
+# ------------------------------------------------------------- several runs, one pipeline
+
+
+def read_embeddings(run_dir: Path) -> dict[str, torch.Tensor]:
+    """A run's concept-token vectors, ``{token: (dim,)}`` in the file's order; ``{}`` when the
+    run has no ``embeddings.safetensors`` (it added no tokens).
+
+    Raises:
+        UserError: the file is unreadable or holds a multi-vector token.
+    """
+    path = Path(run_dir) / EMBEDDINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tokens = json.loads(header["tokens"]) if "tokens" in header else list(f.keys())
+            vectors = {t: f.get_tensor(t) for t in tokens}
+    except (safetensors.SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(
+            f"{path} is not a readable embeddings file ({e}); train the run again or restore "
+            "the file."
+        ) from e
+    for token, vector in vectors.items():
+        if vector.dim() == 2 and vector.shape[0] == 1:
+            vectors[token] = vector[0]
+        elif vector.dim() != 1:
+            raise UserError(
+                f"{path}: token {token!r} has {tuple(vector.shape)} vectors; sai-diffusion "
+                "writes one (1, dim) vector per token, so this file is not from one of its runs."
+            )
+    return vectors
+
+
+def set_token_embeddings(
+    pipe: StableDiffusionPipeline, vectors: Mapping[str, torch.Tensor]
+) -> None:
+    """Make ``pipe``'s text encoder read each token of ``vectors`` as that vector.
+
+    A token the tokenizer lacks is added (as ``load_textual_inversion`` would, without its
+    covariance over the whole table); a token it already has (added for another run of the
+    same concept) keeps its id and only its row is overwritten, so one pipeline can switch
+    between runs. Other rows are untouched.
+
+    Raises:
+        UserError: a vector's width differs from the text encoder's (another base model).
+    """
+    weight = pipe.text_encoder.get_input_embeddings().weight  # (vocab, dim)
+    for token, vector in vectors.items():
+        if vector.shape[-1] != weight.shape[-1]:
+            raise UserError(
+                f"The embedding of {token!r} has width {vector.shape[-1]}, the base model's text "
+                f"encoder {weight.shape[-1]}: the run was trained on another base model."
+            )
+    vocab = pipe.tokenizer.get_vocab()
+    new = [t for t in vectors if t not in vocab]
+    if new:
+        pipe.tokenizer.add_tokens(new)
+        # mean_resizing=False: every new row is overwritten below
+        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
+        weight = pipe.text_encoder.get_input_embeddings().weight  # resized: a new tensor
+    ids = pipe.tokenizer.convert_tokens_to_ids(list(vectors))
+    with torch.no_grad():
+        for token_id, vector in zip(ids, vectors.values(), strict=True):
+            weight[token_id] = vector.to(weight.device, weight.dtype)
+
+
+def set_run_embeddings(pipe: StableDiffusionPipeline, run_dir: Path) -> list[str]:
+    """Give ``pipe`` the concept-token vectors of ``run_dir`` and return its tokens.
+
+    Unlike ``load_lora_into``, a token already in the tokenizer is not an error: runs of the
+    same concept share the token name, and this overwrites its row with this run's vector.
+    Call it before generating each run's images.
+    """
+    vectors = read_embeddings(run_dir)
+    set_token_embeddings(pipe, vectors)
+    return list(vectors)
