@@ -1,9 +1,10 @@
-"""Build hook: ship ``configs/`` inside the wheel as ``sai_diffusion/_configs``.
+"""Build hook: ship ``configs/`` and ``app/`` inside the wheel as ``sai_diffusion/_configs``
+and ``sai_diffusion/_app``.
 
 setuptools runs it while building (pyproject.toml, ``[tool.setuptools.cmdclass]``); the
-library never imports it. configs/ sits at the repository root (fixed layout), outside the
-package, so setuptools' package data cannot reach it. ``_resources.configs_dir()`` reads the
-checkout's folder when there is one and this copy otherwise.
+library never imports it. Both folders sit at the repository root (fixed layout), outside the
+package, so setuptools' package data cannot reach them. ``_resources.configs_dir()`` and
+``app_dir()`` read the checkout's folders when there are some and these copies otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from setuptools.command.build_py import build_py
 
 _REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+_REPO_APP = Path(__file__).resolve().parents[1] / "app"
 
 
 class BuildPyWithConfigs(build_py):
@@ -24,3 +26,9 @@ class BuildPyWithConfigs(build_py):
                 "from one, which carries configs/ through MANIFEST.in)."
             )
         self.copy_tree(str(_REPO_CONFIGS), str(Path(self.build_lib) / "sai_diffusion" / "_configs"))
+        if not (_REPO_APP / "app.py").is_file():
+            raise FileNotFoundError(f"{_REPO_APP}/app.py is missing: build from a full checkout.")
+        app = Path(self.build_lib) / "sai_diffusion" / "_app"
+        self.mkpath(str(app))
+        for source in sorted(_REPO_APP.glob("*.py")):  # no __pycache__
+            self.copy_file(str(source), str(app / source.name))

@@ -1,9 +1,10 @@
-"""Where the files shipped beside the code (``configs/``) are, in a checkout or a wheel.
+"""Where the files shipped beside the code (``configs/``, ``app/``) are, in a checkout or a
+wheel.
 
-``configs/`` sits at the repository root, beside ``sai_diffusion/``. A source checkout or an
-editable install (``pip install -e .``) reads it there. A built wheel carries a copy inside the
-package as ``sai_diffusion/_configs`` (pyproject.toml maps ``configs/`` to that package), so
-an installed copy finds it without the repository.
+Both sit at the repository root, beside ``sai_diffusion/``. A source checkout or an editable
+install (``pip install -e .``) reads them there. A built wheel carries copies inside the
+package as ``sai_diffusion/_configs`` and ``sai_diffusion/_app`` (``_build.py`` copies them),
+so an installed copy finds them without the repository.
 """
 
 from __future__ import annotations
@@ -31,3 +32,18 @@ def configs_dir() -> Path:
 def sd15_config_dir() -> Path:
     """The weight-free SD 1.5 diffusers config folder used to load single-file checkpoints."""
     return configs_dir() / "sd15"
+
+
+def app_dir() -> Path:
+    """The Gradio app's folder (``app/``): the checkout's if present, else the wheel's copy.
+
+    Raises:
+        FileNotFoundError: neither exists (a broken install).
+    """
+    for candidate in (_PACKAGE_DIR.parent / "app", _PACKAGE_DIR / "_app"):
+        if (candidate / "app.py").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"sai-diffusion's app/ folder was not found beside {_PACKAGE_DIR} nor inside it; "
+        "reinstall the package."
+    )

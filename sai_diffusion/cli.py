@@ -1,4 +1,4 @@
-"""Command-line entry points: ``sai-train-lora``, ``sai-sample`` and ``sai-compare``.
+"""Command-line entry points: ``sai-train-lora``, ``sai-sample``, ``sai-compare`` and ``sai-app``.
 
 They parse flags into the library's config and call it; bad input ends with exit code 2 and
 one message, a diverged run with exit code 3.
@@ -264,3 +264,65 @@ def compare_main(argv: list[str] | None = None) -> int:
 
 def compare_entry() -> None:
     sys.exit(_run(compare_main, None))
+
+
+# ---------------------------------------------------------------------------------- sai-app
+def app_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sai-app",
+        description="Compare trained runs side by side in the browser: same prompts and seeds, "
+        "loss curves, SGD-SaI's per-block g-SNR scales, step time and optimizer memory.",
+    )
+    p.add_argument("--runs-dir", default="runs", help="folder holding the runs (default: runs)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to serve on (default: 127.0.0.1, this machine only); 0.0.0.0 shows the "
+        "runs to your whole network",
+    )
+    p.add_argument("--port", type=int, help="default: 7860, or the next free one")
+    p.add_argument("--device", help="for generating images (default: cuda when available)")
+    return p
+
+
+def load_app():
+    """The app module (``app/app.py``), from the checkout or from the installed copy."""
+    import importlib.util
+
+    from ._resources import app_dir
+
+    name = "sai_diffusion_app"  # not "app": that name is too common to claim in sys.modules
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, app_dir() / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def app_main(argv: list[str] | None = None) -> int:
+    args = app_parser().parse_args(argv)
+    runs_dir = Path(args.runs_dir).expanduser()
+    if not runs_dir.is_dir():
+        raise UserError(
+            f"--runs-dir {runs_dir}: no such folder; point it at the folder your runs are in "
+            "(sai-train-lora writes runs/<concept>/... by default)"
+        )
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise UserError(f"--port must be in [1, 65535], got {args.port}")
+    app = load_app()
+    if not app.is_loopback(args.host):
+        print(
+            f"warning: serving on {args.host}: whoever reaches this machine can see the runs in "
+            f"{runs_dir} and generate images; starting training from the page is off",
+            file=sys.stderr,
+        )
+    try:
+        app.launch(runs_dir, host=args.host, port=args.port, device=args.device)
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise UserError(f"cannot serve on {args.host}:{args.port or 7860}: {exc}") from None
+    return 0
+
+
+def app_entry() -> None:
+    sys.exit(_run(app_main, None))

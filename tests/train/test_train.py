@@ -261,6 +261,7 @@ def test_resume_after_sigkill_is_bitwise_identical(concept, tiny_pipeline_dir, t
     assert cli.train_main([*common, "--output-dir", str(whole)]) == 0
     _kill_after_checkpoint([*common, "--output-dir", str(cut)], cut / "checkpoints" / "step-000002")
     assert not (cut / "lora.safetensors").exists()
+    assert cli._resume_dir("latest", str(tmp_path)) == cut  # the newest run with checkpoints
     proc = run_cli("--resume", str(cut))
     assert proc.returncode == 0, proc.stderr
     a, b = load_file(str(whole / "lora.safetensors")), load_file(str(cut / "lora.safetensors"))
