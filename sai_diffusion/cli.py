@@ -286,18 +286,26 @@ def app_parser() -> argparse.ArgumentParser:
 
 
 def load_app():
-    """The app module (``app/app.py``), from the checkout or from the installed copy."""
+    """The app module (``app/app.py``), from the checkout or from the installed copy.
+
+    ``app/`` is imported as the package ``sai_diffusion_app`` (``app`` is too common a name
+    to claim), from wherever ``_resources.app_dir()`` finds it.
+    """
+    import importlib
     import importlib.util
 
     from ._resources import app_dir
 
-    name = "sai_diffusion_app"  # not "app": that name is too common to claim in sys.modules
+    name = "sai_diffusion_app"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, app_dir() / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+        folder = app_dir()
+        spec = importlib.util.spec_from_file_location(
+            name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[name] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"{name}.app")
 
 
 def app_main(argv: list[str] | None = None) -> int:
@@ -320,7 +328,11 @@ def app_main(argv: list[str] | None = None) -> int:
     try:
         app.launch(runs_dir, host=args.host, port=args.port, device=args.device)
     except OSError as exc:  # the port is taken, or the address is not this machine's
-        raise UserError(f"cannot serve on {args.host}:{args.port or 7860}: {exc}") from None
+        reason = str(exc).split(". ")[0]
+        raise UserError(
+            f"cannot serve on {args.host}:{args.port or 7860} ({reason}); pass another --port "
+            "or an address of this machine as --host"
+        ) from None
     return 0
 
 

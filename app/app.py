@@ -1,0 +1,589 @@
+"""sai-app: trained LoRA runs side by side in the browser.
+
+    sai-app --runs-dir runs/          # http://127.0.0.1:7860
+
+UI only. Like LLaMA-Factory's web UI it is a translator: widget values become the arguments
+of the library's functions (``compare.Comparer`` and ``make_grid`` for images,
+``runs_view`` for curves, g-SNR and costs, the ``sai-train-lora`` command line for a new run)
+and nothing here re-implements them.
+
+Safe by default: it binds 127.0.0.1, serves files from the runs folder only (plus gradio's
+cache of the images it generated), sends no analytics, and shows errors as one message.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+
+import functools
+import inspect
+import ipaddress
+import itertools
+import logging
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from sai_diffusion import runs_view
+from sai_diffusion.compare import Comparer, RunInfo, row_labels
+from sai_diffusion.errors import UserError
+from sai_diffusion.fsutil import atomic_path
+from sai_diffusion.grid import make_grid
+
+from .training import TrainingJob, shown_command, train_args
+from .views import COST_HEADERS, cost_table, gsnr_figure, loss_figure, sample_gallery
+
+log = logging.getLogger("sai_app")
+
+ALL_RUNS = "all runs"
+MAX_SEEDS = 16
+LORA_WEIGHTS = [("0 (base UNet)", 0.0), ("0.7", 0.7), ("1.0", 1.0)]  # Mix-of-Show's comparison
+CSS = ".sai-note {opacity: 0.8; font-size: 0.9em}"
+
+
+# ------------------------------------------------------------------------------ handlers
+def user_errors(fn: Callable) -> Callable:
+    """Show bad input as the library's own message and anything else as one line naming the
+    terminal, never a stack trace in the page."""
+
+    def translate(exc: Exception) -> gr.Error:
+        if isinstance(exc, gr.Error):
+            return exc
+        if isinstance(exc, UserError):
+            return gr.Error(str(exc), print_exception=False)
+        log.error("sai-app: %s failed", fn.__name__, exc_info=exc)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return gr.Error(
+            f"{fn.__name__.replace('_', ' ')} failed: {type(exc).__name__}: {first} "
+            "(the terminal running sai-app has the details)",
+            print_exception=False,
+        )
+
+    # gradio tells generators (streamed output) from functions by inspection: keep the kind
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def streaming(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - see translate
+                raise translate(exc) from None
+
+        return streaming
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - see translate
+            raise translate(exc) from None
+
+    return wrapper
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"1,2,3"``, ``"1 2 3"`` or ``"1-4"`` -> seeds, in order, each once.
+
+    Raises:
+        UserError: not integers, none, or more than ``MAX_SEEDS``.
+    """
+    seeds: list[int] = []
+    for part in re.split(r"[,\s]+", str(text).strip()):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise UserError(f"Seeds: {part!r} is not a seed; write numbers like 1,2,3 or 1-4.")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo or hi - lo >= MAX_SEEDS:
+            raise UserError(f"Seeds: the range {part} is empty or too long.")
+        seeds.extend(s for s in range(lo, hi + 1) if s not in seeds)
+    if not seeds:
+        raise UserError("Seeds: give at least one, e.g. 1,2,3.")
+    if len(seeds) > MAX_SEEDS:
+        raise UserError(f"Seeds: at most {MAX_SEEDS} per comparison, got {len(seeds)}.")
+    return seeds
+
+
+class ComparerCache:
+    """Comparers by run set, the most recent ``size`` kept: each holds a base model, so a
+    second click on the same runs costs no loading. A run whose LoRA file changed (it was
+    still training) gets a fresh one."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple, Comparer] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, runs: list[RunInfo], *, device: str | None) -> Comparer:
+        key = tuple(sorted((str(r.path), _mtime(r.path / "lora.safetensors")) for r in runs))
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            # drop before loading: two base models at once may not fit
+            while len(self._items) >= self.size:
+                self._items.popitem(last=False)
+            comparer = Comparer(sorted(runs, key=lambda r: str(r.path)), device=device)
+            self._items[key] = comparer
+            return comparer
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+class CompareApp:
+    """The handlers, over one runs folder; the Blocks layout is in ``build_app``."""
+
+    def __init__(self, runs_dir: Path, *, device: str | None = None) -> None:
+        self.runs_dir = Path(runs_dir).expanduser().resolve()
+        self.device = device
+        self.comparers = ComparerCache()
+        self._tmp = tempfile.TemporaryDirectory(prefix="sai-app-")  # grids; gradio copies them
+        self.grid_dir = Path(self._tmp.name)
+        self._count = itertools.count(1)
+        self.training: TrainingJob | None = None
+
+    # -- the run list
+    def index(self) -> dict[str, RunInfo]:
+        return runs_view.index_runs(self.runs_dir)
+
+    def resolve(self, keys: list[str] | str | None) -> list[RunInfo]:
+        """Run keys (``concept/folder``) or unique folder names -> runs, in the given order.
+
+        Raises:
+            UserError: none given, or a name that is not a run here.
+        """
+        keys = [keys] if isinstance(keys, str) else list(keys or [])
+        if not keys:
+            raise UserError("Pick at least one run to compare.")
+        index = self.index()
+        by_name: dict[str, list[str]] = {}
+        for key, info in index.items():
+            by_name.setdefault(info.name, []).append(key)
+        runs = []
+        for key in keys:
+            if key not in index and len(by_name.get(key, [])) == 1:
+                key = by_name[key][0]
+            if key not in index:
+                known = ", ".join(sorted(index)) or "(none)"
+                raise UserError(f"No run '{key}' under {self.runs_dir}; runs there: {known}.")
+            if index[key] not in runs:
+                runs.append(index[key])
+        return runs
+
+    @user_errors
+    def scan(self, group: str | None, selected: list[str] | None):
+        """Page load and Rescan: the groups and the runs of the chosen one."""
+        index = self.index()
+        groups = runs_view.group_runs(index)
+        choices = _group_choices(groups)
+        if group not in choices:
+            group = next(iter(groups), ALL_RUNS)
+        unfinished = sum(not info.has_lora for info in index.values())
+        status = (
+            f"**{len(index)} run{'s' * (len(index) != 1)}** in `{self.runs_dir}`"
+            + (f" ({unfinished} unfinished)" if unfinished else "")
+            if index
+            else f"No runs in `{self.runs_dir}` yet: train one with `sai-train-lora "
+            f"--output-dir {self.runs_dir}/...` (or the Train tab) and press Rescan."
+        )
+        return (
+            gr.Dropdown(choices=choices, value=group),
+            self.pick_group(group, selected, index),
+            status,
+        )
+
+    @user_errors
+    def pick_group(self, group: str | None, selected: list[str] | None, index=None):
+        index = index if index is not None else self.index()
+        labels = runs_view.run_labels(index)
+        groups = runs_view.group_runs(index)
+        keys = groups.get(group, list(index)) if group != ALL_RUNS else list(index)
+        keep = [k for k in selected or [] if k in keys]
+        return gr.Dropdown(choices=[(labels[k], k) for k in keys], value=keep)
+
+    # -- prompts and training views for the chosen runs
+    @user_errors
+    def show_runs(self, selected: list[str] | None, prompt: str, smoothing: float):
+        index = self.index()
+        keys = [k for k in selected or [] if k in index]
+        labels = runs_view.run_labels(index)
+        prompts = _prompts([index[k] for k in keys])
+        offered = {  # what an earlier choice of runs put there; the user's own text stays
+            q
+            for info in index.values()
+            for p in info.validation_prompts
+            for q in (p, p.replace(info.token, "{token}"))
+        }
+        if prompts and (not prompt or prompt in offered):
+            prompt = prompts[0]
+        return (
+            gr.Dropdown(choices=prompts, value=prompt),
+            loss_figure(index, keys, labels, smoothing),
+            gsnr_figure(index, keys, labels),
+            cost_table(index, keys, labels),
+            sample_gallery(index, keys, labels),
+        )
+
+    @user_errors
+    def replot(self, selected: list[str] | None, smoothing: float):
+        index = self.index()
+        keys = [k for k in selected or [] if k in index]
+        return loss_figure(index, keys, runs_view.run_labels(index), smoothing)
+
+    # -- images
+    @user_errors
+    def compare(
+        self,
+        runs: list[str],
+        prompt: str,
+        seeds: str,
+        steps: float,
+        guidance: float,
+        lora_weight: float,
+        negative_prompt: str,
+        with_base: bool = False,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio's injection idiom
+    ) -> tuple[str, dict[str, Any]]:
+        """Generate every chosen run with the same prompt, seeds and settings; return the grid
+        PNG's path (the API's answer) and the gallery's items."""
+        chosen = self.resolve(runs)
+        seed_list = parse_seeds(seeds)
+        if not (prompt or "").strip():
+            raise UserError("Write a prompt; {token} becomes each run's concept token.")
+        progress(0, desc=f"loading the base model and {len(chosen)} LoRA(s)")
+        comparer = self.comparers.get(chosen, device=self.device)
+
+        def report(done: int, total: int) -> None:
+            progress(done / total, desc=f"image {done} of {total}")
+
+        rows = comparer.generate(
+            prompt,
+            seed_list,
+            steps=int(steps),
+            guidance=float(guidance),
+            negative_prompt=(negative_prompt or "").strip() or None,
+            lora_weight=float(lora_weight),
+            progress=report,
+            with_base=bool(with_base),
+        )
+        # the cached comparer orders runs by path; show them as they were picked
+        name_of = {r.path: r.name for r in comparer.runs}
+        order = [name_of[r.path] for r in chosen] + [k for k in rows if k not in name_of.values()]
+        rows = {name: rows[name] for name in order}
+        labels = row_labels(comparer.runs, with_base=bool(with_base))
+        columns = [f"seed {s}" for s in seed_list]
+        settings = (
+            f"LoRA weight {float(lora_weight):g}, {int(steps)} steps, cfg {float(guidance):g}"
+        )
+        title = f"{prompt}  ({settings})"
+        grid = make_grid(rows, row_labels=labels, col_labels=columns, title=title)
+        path = self.grid_dir / f"compare-{time.strftime('%Y%m%d-%H%M%S')}-{next(self._count)}.png"
+        with atomic_path(path) as tmp:
+            grid.save(tmp, format="PNG")
+        items = [
+            (image, f"{labels.get(name, name).replace(chr(10), ' · ')} · seed {seed}")
+            for name, images in rows.items()
+            for seed, image in zip(seed_list, images, strict=True)
+        ]
+        return str(path), {"grid": str(path), "items": items, "columns": len(seed_list)}
+
+    # -- training (a subprocess of the CLI)
+    def train_command(self, *values) -> str:
+        return shown_command(train_args(self.runs_dir, *values))
+
+    @user_errors
+    def start_training(self, *values) -> Iterator[tuple[str, str]]:
+        if self.training is not None and self.training.running:
+            raise UserError(
+                f"A run is already training ({self.training.run_dir}); wait for it or stop it."
+            )
+        args = train_args(self.runs_dir, *values)
+        self.training = job = TrainingJob(args, Path(args[args.index("--output-dir") + 1]))
+        yield shown_command(args), "starting..."
+        while job.running:
+            time.sleep(1.0)
+            yield shown_command(args), job.status()
+        yield shown_command(args), job.status()
+
+    @user_errors
+    def stop_training(self) -> str:
+        if self.training is None or not self.training.running:
+            return "No run is training."
+        self.training.stop()
+        return f"Stopped; continue it with sai-train-lora --resume {self.training.run_dir}"
+
+
+def _group_choices(groups: dict[str, list[str]]) -> list[str]:
+    """The group picker: every concept and base model, and "all runs" when there are two."""
+    return [ALL_RUNS, *groups] if len(groups) > 1 else list(groups) or [ALL_RUNS]
+
+
+def _prompts(runs: list[RunInfo]) -> list[str]:
+    """The runs' validation prompts, token filled when they share one token, else ``{token}``
+    (which the comparer fills per run)."""
+    tokens = {r.token for r in runs}
+    out: list[str] = []
+    for r in runs:
+        for p in r.validation_prompts:
+            p = p if len(tokens) == 1 else p.replace(r.token, "{token}")
+            if p not in out:
+                out.append(p)
+    return out
+
+
+# -------------------------------------------------------------------------------- layout
+def build_app(
+    runs_dir: Path, *, device: str | None = None, allow_training: bool = True
+) -> gr.Blocks:
+    """The page: run picker, then tabs for images, training views, and a new run (that one
+    only with ``allow_training``)."""
+    app = CompareApp(runs_dir, device=device)
+    index = app.index()
+    groups = runs_view.group_runs(index)
+    first_group = next(iter(groups), ALL_RUNS)
+
+    with gr.Blocks(title="sai-diffusion: side by side", analytics_enabled=False) as demo:
+        gr.Markdown("## sai-diffusion · side by side")
+        status = gr.Markdown()
+        with gr.Row(equal_height=True):
+            group = gr.Dropdown(
+                choices=_group_choices(groups),
+                value=first_group,
+                label="Concept · base model",
+                scale=1,
+            )
+            labels = runs_view.run_labels(index)
+            runs = gr.Dropdown(
+                choices=[(labels[k], k) for k in groups.get(first_group, list(index))],
+                value=[],
+                multiselect=True,
+                allow_custom_value=True,  # the API may name runs made after start; checked
+                label="Runs",
+                info="Pick the runs to compare; a LoRA only means something on its base model.",
+                scale=4,
+                elem_id="runs",
+            )
+            rescan = gr.Button("Rescan", scale=0, min_width=90)
+
+        with gr.Tab("Images"):
+            with gr.Row():
+                prompt = gr.Dropdown(
+                    choices=[],
+                    value="",
+                    allow_custom_value=True,
+                    label="Prompt",
+                    info="The runs' validation prompts, or your own; {token} becomes each run's token.",
+                    scale=3,
+                    elem_id="prompt",
+                )
+                negative = gr.Textbox(label="Negative prompt", scale=2)
+            with gr.Row():
+                seeds = gr.Textbox(
+                    value="1,2,3", label="Seeds", info="e.g. 1,2,3 or 1-4", scale=1, elem_id="seeds"
+                )
+                steps = gr.Slider(
+                    1, 100, value=25, step=1, label="Sampling steps", scale=2, elem_id="steps"
+                )
+                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance", scale=2)
+                weight = gr.Radio(LORA_WEIGHTS, value=1.0, label="LoRA weight", scale=2)
+                with_base = gr.Checkbox(
+                    label="Add the base model (no LoRA, token read as the class word)", scale=2
+                )
+            generate = gr.Button("Generate side by side", variant="primary", elem_id="generate")
+            grid_view = gr.Image(
+                label="Side by side: one row per run, one column per seed",
+                type="filepath",
+                interactive=False,
+                elem_id="grid",
+            )
+            grid_file = gr.File(label="Download the grid (PNG)", elem_id="grid-file")
+            gallery = gr.Gallery(
+                label="Each image (click to enlarge)",
+                columns=6,
+                object_fit="contain",
+                elem_id="gallery",
+            )
+            shown = gr.State()
+
+        with gr.Tab("Training"):
+            smoothing = gr.Slider(0, 0.99, value=0.9, step=0.01, label="Loss smoothing (EMA)")
+            loss_plot = gr.Plot(label="Loss", elem_id="loss-plot")
+            table = gr.Dataframe(headers=COST_HEADERS, label="Cost and scores", wrap=True)
+            gr.Markdown(
+                "Median step time and peak memory come from `metrics.jsonl`; optimizer state "
+                "is measured in the last checkpoint's `optimizer.pt` (est.: from the LoRA size). "
+                "Score columns come from `eval.json` when the run has been scored.",
+                elem_classes="sai-note",
+            )
+            gsnr_plot = gr.Plot(
+                label="SGD-SaI g-SNR scale per block (gsnr.json)", elem_id="gsnr-plot"
+            )
+            samples = gr.Gallery(label="Validation samples at the end of training", columns=4)
+
+        with gr.Tab("Train a new run"):
+            trained = _train_tab(app) if allow_training else None
+            if trained is None:
+                gr.Markdown(
+                    "Training from the page is off because the app is served beyond this "
+                    "machine; run `sai-train-lora` in a terminal, or start `sai-app` with "
+                    "the default `--host 127.0.0.1`."
+                )
+
+        # -- events
+        picked = [runs, prompt, smoothing]
+        views = [prompt, loss_plot, gsnr_plot, table, samples]
+        for trigger in (demo.load, rescan.click):
+            trigger(app.scan, [group, runs], [group, runs, status], api_visibility="private").then(
+                app.show_runs, picked, views, api_visibility="private"
+            )
+        if trained is not None:  # a finished (or stopped) run joins the list
+            trained.then(app.scan, [group, runs], [group, runs, status], api_visibility="private")
+        group.input(app.pick_group, [group, runs], runs, api_visibility="private")
+        runs.change(app.show_runs, picked, views, api_visibility="private")
+        smoothing.release(app.replot, [runs, smoothing], loss_plot, api_visibility="private")
+        generate.click(
+            app.compare,
+            [runs, prompt, seeds, steps, guidance, weight, negative, with_base],
+            [grid_file, shown],
+            api_name="compare",
+            concurrency_limit=1,  # one base model on the device at a time
+        ).success(_show_images, shown, [grid_view, gallery], api_visibility="private")
+
+    return demo
+
+
+def _train_tab(app: CompareApp):
+    """Fields -> the ``sai-train-lora`` command (shown live), run as a child process. Returns
+    the start event."""
+    from sai_diffusion.config import DEFAULT_LR, available_concepts
+
+    gr.Markdown(
+        "Starts `sai-train-lora` as a separate process with the command shown; the run "
+        "is written under the runs folder and appears above once it has a `run.yaml`.",
+        elem_classes="sai-note",
+    )
+    default = "concept's default"
+    first = next(iter(app.index().values()), None)  # the newest habits are a good start
+    with gr.Row():
+        t_concept = gr.Dropdown(
+            available_concepts(),
+            value=first.concept if first and first.concept in available_concepts() else None,
+            label="Concept",
+            allow_custom_value=True,
+            info="a shipped concept or a path to your YAML",
+        )
+        t_base = gr.Textbox(
+            value=(first.base_model or "") if first else "",
+            label="Base model",
+            info="diffusers folder, .safetensors or hub id",
+        )
+        t_opt = gr.Dropdown(list(DEFAULT_LR), value="sgd-sai", label="Optimizer")
+        t_lr = gr.Textbox(label="Learning rate", placeholder=default)
+    with gr.Row():
+        t_steps = gr.Textbox(label="Max steps", placeholder=default)
+        t_res = gr.Textbox(label="Resolution", placeholder=default)
+        t_rank = gr.Textbox(label="Rank", placeholder=default)
+        t_seed = gr.Textbox(label="Seed", placeholder=default)
+        t_name = gr.Textbox(
+            label="Run folder", placeholder="inside the runs folder; empty: concept/optimizer-time"
+        )
+    fields = [t_concept, t_base, t_opt, t_lr, t_steps, t_res, t_rank, t_seed, t_name]
+    preview = _safe(app.train_command)
+    t_command = gr.Code(
+        value=preview(*(f.value for f in fields)),
+        label="Equivalent command",
+        language="shell",
+        interactive=False,
+    )
+    with gr.Row():
+        t_start = gr.Button("Start training", variant="primary")
+        t_stop = gr.Button("Stop")
+    t_log = gr.Textbox(label="Progress", lines=6, interactive=False)
+
+    for field in fields:
+        field.change(preview, fields, t_command, api_visibility="private")
+    started = t_start.click(
+        app.start_training,
+        fields,
+        [t_command, t_log],
+        api_visibility="private",
+        concurrency_limit=1,
+    )
+    t_stop.click(app.stop_training, None, t_log, api_visibility="private")
+    return started
+
+
+def _show_images(shown: dict[str, Any] | None):
+    """After /compare: the grid, and the single images in rows of the seed count."""
+    shown = shown or {"grid": None, "items": [], "columns": 3}
+    return shown["grid"], gr.Gallery(value=shown["items"], columns=shown["columns"])
+
+
+def _safe(fn: Callable[..., str]) -> Callable[..., str]:
+    """For the live command preview: an incomplete form shows what is missing."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except UserError as exc:
+            return f"# {exc}"
+
+    return wrapper
+
+
+def launch(
+    runs_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    device: str | None = None,
+    prevent_thread_lock: bool = False,
+    quiet: bool = False,
+) -> gr.Blocks:
+    """Serve the app; blocks until Ctrl-C unless ``prevent_thread_lock``.
+
+    Only ``runs_dir`` is added to gradio's allowed paths: the page can fetch the runs' own
+    images, and nothing else on the disk (gradio also serves the images it generated, from
+    its cache folder). Starting training runs from the page is offered on a loopback
+    ``host`` only.
+    """
+    runs_dir = Path(runs_dir).expanduser().resolve()
+    demo = build_app(runs_dir, device=device, allow_training=is_loopback(host))
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        allowed_paths=[str(runs_dir)],
+        show_error=True,  # messages only: every handler turns exceptions into gr.Error
+        prevent_thread_lock=prevent_thread_lock,
+        share=False,
+        ssr_mode=False,
+        max_file_size="1mb",  # the app takes no uploads
+        css=CSS,
+        quiet=quiet,
+    )
+    return demo
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
