@@ -21,7 +21,7 @@ from PIL import Image
 
 from sai_diffusion import cli, runs_view
 from sai_diffusion.errors import UserError
-from tests.train.test_train import make_concept
+from tests.helpers import make_concept, train_tiny
 
 RUNS = {"sgd-sai": "thing/sgd-sai", "adamw": "thing/adamw"}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -51,19 +51,8 @@ def runs_dir(tiny_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     concept = make_concept(root / "concept")
     runs = root / "runs"
     for optimizer, name in RUNS.items():
-        rc = cli.train_main(
-            [
-                "--concept", str(concept),
-                "--base-model", str(tiny_pipeline_dir),
-                "--optimizer", optimizer,
-                "--max-steps", "2",
-                "--resolution", "64",
-                "--output-dir", str(runs / name),
-                "--set", "validation_seeds=[1]",
-                "--set", "sample_steps=2",
-            ]
-        )  # fmt: skip
-        assert rc == 0
+        train_tiny(concept, tiny_pipeline_dir, runs / name, optimizer,
+                   "--set", "validation_seeds=[1]", "--set", "sample_steps=2")  # fmt: skip
     (runs / "notes").mkdir()
     (runs / "notes" / "todo.txt").write_text("not a run")
     (runs / "broken").mkdir()

@@ -29,7 +29,7 @@ from sai_diffusion.compare import (
     row_labels,
 )
 from sai_diffusion.errors import UserError
-from tests.train.test_train import make_concept
+from tests.helpers import make_concept, train_tiny
 
 PROMPT = "a pencil sketch of {token}"
 SEEDS = [1, 2, 3]
@@ -47,20 +47,8 @@ def runs(tiny_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     }
     out = {}
     for optimizer, extra in extras.items():
-        out[optimizer] = root / "runs" / optimizer
-        rc = cli.train_main(
-            [
-                "--concept", str(concept),
-                "--base-model", str(tiny_pipeline_dir),
-                "--optimizer", optimizer,
-                "--max-steps", "2",
-                "--resolution", "64",
-                "--set", "validation_seeds=[]",
-                "--output-dir", str(out[optimizer]),
-                *extra,
-            ]
-        )  # fmt: skip
-        assert rc == 0
+        out[optimizer] = train_tiny(concept, tiny_pipeline_dir, root / "runs" / optimizer, optimizer,
+                                    "--set", "validation_seeds=[]", *extra)  # fmt: skip
     return out
 
 

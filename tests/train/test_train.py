@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from sai_diffusion import cli
 from sai_diffusion.config import TrainConfig, load_concept
+from tests.helpers import make_concept
 
 FAST = [
     "--resolution",
@@ -34,37 +35,6 @@ FAST = [
     "--set",
     "log_every=1",
 ]
-
-
-def make_concept(root: Path, n: int = 3, *, layout: str = "flat") -> Path:
-    """A concept YAML plus n coloured images with captions, in ``root``."""
-    data = root / "data"
-    images = data / "image" if layout == "mix" else data
-    images.mkdir(parents=True)
-    for i in range(n):
-        img = Image.new("RGB", (80, 72), (40 * i, 200 - 30 * i, 90))
-        for x in range(10 + 5 * i, 40):
-            img.putpixel((x, 30), (255, 255, 255))
-        img.save(images / f"img{i}.png")
-        caption = f"a photo of <TOK> number {i}"
-        if layout == "mix":
-            (data / "caption").mkdir(exist_ok=True)
-            (data / "caption" / f"img{i}.txt").write_text(caption)
-        else:
-            (data / f"img{i}.txt").write_text(caption)
-    concept = root / "thing.yaml"
-    concept.write_text(
-        yaml.safe_dump(
-            {
-                "token": "<Vthing>",
-                "class_word": "dog",
-                "data": "data",
-                "validation_prompts": ["a photo of {token}", "a pencil sketch of {token}"],
-                "lr": {"sgd-sai": 0.05},
-            }
-        )
-    )
-    return concept
 
 
 def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
