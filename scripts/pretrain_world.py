@@ -1,0 +1,329 @@
+"""Pretrain the miniature SD-1.5-architecture model on the world; write configs/miniature/.
+
+    python scripts/pretrain_world.py                          # the shipped run, docs/miniature.md
+    python scripts/pretrain_world.py --steps 3 --vae-steps 3 --out /tmp/m --eval none   # smoke
+
+The parts are built by ``tiny.build_tiny_pipeline`` (SD 1.5's classes and layout, the real
+CLIP BPE tokenizer cut to 8,000 merges) and trained in dependency order:
+
+1. the VAE, on world images alone: reconstruction (MSE) + a small KL, as SD's first stage;
+2. its latent scale: SD's ``scaling_factor`` is 1 / std of the latents, so the UNet sees
+   unit-variance latents whatever the VAE learnt (measured on the pool, written to vae/);
+3. the UNet and the CLIP text encoder jointly, epsilon-prediction DDPM loss (SD 1.5's noise
+   schedule), the caption replaced by "" 10% of the time so that classifier-free guidance
+   works. Every object except ``world.HELD_OUT`` appears: it stays the concept to teach.
+
+Images come from a pool rendered once from the seed (world.render_examples, random pose,
+lighting and captions); re-rendering every step would cost more than the UNet on 2 cores.
+The pool's latent distribution is encoded once after stage 1; each step samples it afresh.
+Then the pipeline is scored with the judge (``miniature.evaluate_base``) and saved
+(safetensors) with ``pretrain.json``: command, seed, settings, wall time, machine, scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from tqdm import tqdm
+
+from sai_diffusion import world
+from sai_diffusion.fsutil import atomic_dir
+from sai_diffusion.miniature import evaluate_base, evaluation_scenes, miniature_dir, sample_grid
+from sai_diffusion.tiny import build_tiny_pipeline
+
+VAE_SCALE = 2  # two VAE levels: latents are half the image side
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=miniature_dir(), help="diffusers folder to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=900, help="UNet + text encoder steps")
+    p.add_argument("--vae-steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--vae-batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="UNet and text encoder (AdamW)")
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="on the summed KL, as SD")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="0 disables the weighting")
+    p.add_argument("--cfg-dropout", type=float, default=0.1, help="P(caption -> '')")
+    p.add_argument("--pool", type=int, default=16000, help="images rendered once")
+    p.add_argument("--resolution", type=int, default=32, choices=(32, 64), help="pixels")
+    p.add_argument("--unet-channels", default="32,64,64")
+    p.add_argument("--vae-channels", default="16,32")
+    p.add_argument("--text-layers", type=int, default=4)
+    p.add_argument(
+        "--freeze-text-encoder", action="store_true", help="keep the random CLIP (ablation)"
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument(
+        "--eval", choices=("full", "quick", "none"), default="full",
+        help="judge evaluation after training: 2 seeds x 40 prompts, 1 seed, or none",
+    )  # fmt: skip
+    p.add_argument("--grid", type=Path, default=None, help="also write a sample grid PNG here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    # Build before rendering: the tokenizer turns the pool's captions into ids once.
+    pipe = build_tiny_pipeline(
+        seed=args.seed,
+        sample_size=args.resolution // VAE_SCALE,
+        unet_channels=_ints(args.unet_channels),
+        vae_channels=_ints(args.vae_channels),
+        text_layers=args.text_layers,
+    )
+    params = {n: _count(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder")}
+    print(f"parameters: {params}", flush=True)
+
+    t = time.perf_counter()
+    pixels, ids = render_pool(args.pool, args.seed, args.resolution, pipe.tokenizer)
+    timings["render_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    vae_loss = train_vae(pipe.vae, pixels, args, device)
+    timings["vae_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    moments, scale = encode_pool(pipe.vae, pixels, device)
+    pipe.vae.register_to_config(scaling_factor=scale)
+    timings["encode_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    unet_loss, its = train_unet(pipe, moments, ids, args, device)
+    timings["unet_s"] = time.perf_counter() - t
+
+    pipe.to("cpu")
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval()
+    train_wall = time.perf_counter() - started
+
+    t = time.perf_counter()
+    scores = None
+    if args.eval != "none":
+        seeds = [0, 1] if args.eval == "full" else [0]
+        scores = evaluate_base(pipe, evaluation_scenes(), seeds)
+        print(json.dumps({k: scores[k] for k in ("seen", "held_out")}), flush=True)
+    if args.grid is not None:
+        prompts = [world.caption(s) for s in evaluation_scenes(photos_per_object=1)]
+        args.grid.parent.mkdir(parents=True, exist_ok=True)
+        sample_grid(pipe, prompts, seeds=[0, 1, 2, 3], title="miniature").save(args.grid)
+    timings["eval_s"] = time.perf_counter() - t
+
+    record = {
+        "command": "python " + shlex.join([_script_path(), *sys.argv[1:]]),
+        "seed": args.seed,
+        "steps": args.steps,
+        "vae_steps": args.vae_steps,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "parameters": params,
+        "held_out_object": world.HELD_OUT,
+        "vae_scaling_factor": scale,
+        "final_loss": {"vae": vae_loss, "unet": unet_loss},
+        "unet_it_per_s": round(its, 3),
+        "wall_s": round(train_wall, 1),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "machine": _machine(args),
+        "judge": None if scores is None else _summary(scores),
+        "judge_per_prompt": None if scores is None else scores["per_prompt"],
+    }
+    with atomic_dir(args.out) as tmp:  # weights and record together, or nothing
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        record["weights_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*.safetensors"))
+        (tmp / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out} in {train_wall:.0f} s (+{timings['eval_s']:.0f} s evaluation)")
+    return 0
+
+
+# ------------------------------------------------------------------------------ data
+def render_pool(n: int, seed: int, size: int, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` world images without ``HELD_OUT``: pixels (n, 3, size, size) in [-1, 1] and
+    caption ids (n, 77)."""
+    examples = world.render_examples(n, seed, size=size, exclude_objects=(world.HELD_OUT,))
+    array = np.stack([np.asarray(e.image, dtype=np.uint8) for e in examples])  # (n, H, W, 3)
+    pixels = torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    ids = _tokenize(tokenizer, [e.caption for e in examples])
+    return pixels, ids
+
+
+def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length,
+        truncation=True, return_tensors="pt",
+    ).input_ids  # fmt: skip
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator):
+    """Endless index batches, a fresh permutation per epoch."""
+    while True:
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield order[i : i + batch_size]
+
+
+# ------------------------------------------------------------------------------ stage 1: VAE
+def train_vae(vae, pixels: torch.Tensor, args, device) -> float | None:
+    """Reconstruction + ``kl_weight`` x summed KL; returns the last step's loss."""
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    sched = _warmup_cosine(opt, min(args.warmup, args.vae_steps // 4), args.vae_steps)
+    gen = torch.Generator().manual_seed(args.seed + 11)
+    batches = _batches(len(pixels), min(args.vae_batch_size, len(pixels)), gen)
+    loss = None
+    bar = tqdm(range(args.vae_steps), desc="vae", dynamic_ncols=True)
+    for _ in bar:
+        x = pixels[next(batches)].to(device)
+        posterior = vae.encode(x).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=gen).to(device)  # CPU draw: seeded
+        z = posterior.mean + posterior.std * eps
+        recon = vae.decode(z).sample
+        step_loss = F.mse_loss(recon, x) + args.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        step_loss.backward()
+        opt.step()
+        sched.step()
+        loss = step_loss.item()
+        bar.set_postfix(loss=f"{loss:.4f}")
+    vae.eval()
+    return loss
+
+
+@torch.no_grad()
+def encode_pool(vae, pixels: torch.Tensor, device) -> tuple[torch.Tensor, float]:
+    """The pool's posterior (mean, std) stacked as (n, 2, 4, h, w), and SD's scaling factor:
+    1 / std of sampled latents."""
+    out = []
+    for i in range(0, len(pixels), 512):
+        dist = vae.encode(pixels[i : i + 512].to(device)).latent_dist
+        out.append(torch.stack([dist.mean, dist.std], dim=1).cpu())
+    moments = torch.cat(out)
+    sample = moments[:, 0] + moments[:, 1] * torch.randn(moments[:, 0].shape)
+    return moments, float(1.0 / sample.std())
+
+
+# ------------------------------------------------------------------------------ stage 3: UNet
+def train_unet(
+    pipe, moments: torch.Tensor, ids: torch.Tensor, args, device
+) -> tuple[float | None, float]:
+    """Epsilon-prediction DDPM on scaled latents; returns (last loss, steps per second)."""
+    unet, text_encoder = pipe.unet.to(device).train(), pipe.text_encoder.to(device)
+    params = list(unet.parameters())
+    if args.freeze_text_encoder:
+        text_encoder.eval().requires_grad_(False)
+    else:
+        text_encoder.train()
+        params += list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    sched = _warmup_cosine(opt, min(args.warmup, args.steps // 4), args.steps)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    alphas = noise_scheduler.alphas_cumprod.to(device)
+    empty_ids = _tokenize(pipe.tokenizer, [""])[0]
+    scale = pipe.vae.config.scaling_factor
+
+    gen = torch.Generator().manual_seed(args.seed + 22)
+    batches = _batches(len(moments), min(args.batch_size, len(moments)), gen)
+    loss, ema = None, None
+    bar = tqdm(range(args.steps), desc="unet", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for _ in bar:
+        idx = next(batches)
+        mean, std = moments[idx, 0], moments[idx, 1]
+        latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scale  # (B, 4, h, w)
+        noise = torch.randn(latents.shape, generator=gen)
+        timesteps = torch.randint(0, len(alphas), (len(idx),), generator=gen)
+        drop = torch.rand(len(idx), generator=gen) < args.cfg_dropout
+        batch_ids = torch.where(drop[:, None], empty_ids[None], ids[idx])
+
+        latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+        a = alphas[timesteps].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise
+        context = text_encoder(batch_ids.to(device))[0]  # (B, 77, hidden)
+        pred = unet(noisy, timesteps, context).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        if args.min_snr_gamma > 0:  # Min-SNR (Hang et al. 2023): faster convergence
+            snr = a.view(-1) / (1 - a.view(-1))
+            per_sample = per_sample * snr.clamp(max=args.min_snr_gamma) / snr
+        step_loss = per_sample.mean()
+        opt.zero_grad(set_to_none=True)
+        step_loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        loss = step_loss.item()
+        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+    its = args.steps / max(time.perf_counter() - t0, 1e-9)
+    return ema, its
+
+
+def _warmup_cosine(opt, warmup: int, total: int):
+    """Linear warmup, then cosine down to 10% of the peak."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _summary(scores: dict) -> dict:
+    return {k: scores[k] for k in ("seen", "held_out", "settings")}
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _script_path() -> str:
+    here = Path(__file__).resolve()
+    try:
+        return str(here.relative_to(Path.cwd()))
+    except ValueError:
+        return str(here)
+
+
+def _machine(args) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+    }
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+if __name__ == "__main__":
+    sys.exit(main())
