@@ -46,8 +46,10 @@ def pretrained(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shipped(pretrained):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return load_base_model(pretrained)
+    yield load_base_model(pretrained)
+    torch.set_num_threads(threads)  # later tests in this process compare runs bitwise
 
 
 def test_written_folder_is_a_diffusers_folder_under_25_mb(pretrained):

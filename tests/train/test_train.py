@@ -228,7 +228,8 @@ def test_resume_after_sigkill_is_bitwise_identical(concept, tiny_pipeline_dir, t
         "lr_scheduler=linear",
     ]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert cli.train_main([*common, "--output-dir", str(whole)]) == 0
+    # both runs in fresh processes: bitwise equality holds for the same torch thread count
+    assert run_cli(*common, "--output-dir", str(whole)).returncode == 0
     _kill_after_checkpoint([*common, "--output-dir", str(cut)], cut / "checkpoints" / "step-000002")
     assert not (cut / "lora.safetensors").exists()
     assert cli._resume_dir("latest", str(tmp_path)) == cut  # the newest run with checkpoints

@@ -31,9 +31,11 @@ MIN_ACCURACY = 0.9
 
 
 @pytest.fixture(scope="module")
-def judge() -> Judge:
+def judge():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return Judge.load()
+    yield Judge.load()
+    torch.set_num_threads(threads)  # leave the process as it was for later tests
 
 
 def rendered(scenes, size=64, seed=0):
