@@ -325,7 +325,8 @@ def train(run: Run) -> None:
     bar.close()
     if writer is not None:
         writer.close()
-    if not _latest_checkpoint(run.run_dir) or _latest_checkpoint(run.run_dir)[0] != run.step:
+    latest = _latest_checkpoint(run.run_dir)
+    if latest is None or latest[0] != run.step:
         save_checkpoint(run)
 
 
@@ -355,6 +356,7 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
         epoch, pos = divmod(k, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
         indices.append(int(perm[pos]))
+        # drawn on both paths so the noise that follows is the same with or without the cache
         flips.append(bool(torch.rand((), generator=gen) < cfg.random_flip))
     if "latents" in run.cache:
         means, stds, masks = run.cache["latents"]
