@@ -482,7 +482,7 @@ def _train_tab(app: CompareApp):
     with gr.Row():
         t_concept = gr.Dropdown(
             available_concepts(),
-            value=first.concept if first and first.concept in available_concepts() else None,
+            value=first.concept if first and first.concept in available_concepts() else "demo",
             label="Concept",
             allow_custom_value=True,
             info="a shipped concept or a path to your YAML",
@@ -490,6 +490,7 @@ def _train_tab(app: CompareApp):
         t_base = gr.Textbox(
             value=(first.base_model or "") if first else "",
             label="Base model",
+            placeholder="empty: the concept's, else the built-in miniature model",
             info="diffusers folder, .safetensors or hub id",
         )
         t_opt = gr.Dropdown(list(DEFAULT_LR), value="sgd-sai", label="Optimizer")

@@ -30,22 +30,23 @@ def train_args(
     optimizer: str,
     *values: str,
 ) -> list[str]:
-    """The ``sai-train-lora`` command line for the Train tab's fields: concept, base model,
-    optimizer, then the ``TRAIN_FLAGS`` values (text; empty: the concept's default) and the
-    run folder, which must lie inside the runs folder so that the run shows up here.
+    """The ``sai-train-lora`` command line for the Train tab's fields: concept, base model
+    (empty: the concept's, else the built-in miniature model), optimizer, then the
+    ``TRAIN_FLAGS`` values (text; empty: the concept's default) and the run folder, which must
+    lie inside the runs folder so that the run shows up here.
 
     Ranges are the CLI's to check: it says what is wrong in the progress box.
 
     Raises:
-        UserError: a missing concept or base model, a field that is not a number, or a run
-            folder outside the runs folder.
+        UserError: a missing concept, a field that is not a number, or a run folder outside
+            the runs folder.
     """
     *numbers, run_name = values
     if not (concept or "").strip():
         raise UserError("Train: choose a concept (a shipped name or a YAML file).")
-    if not (base_model or "").strip():
-        raise UserError("Train: give the base model (a diffusers folder, .safetensors or hub id).")
-    args = [_train_program(), "--concept", concept.strip(), "--base-model", base_model.strip()]
+    args = [_train_program(), "--concept", concept.strip()]
+    if (base_model or "").strip():  # empty: the concept's own, else the built-in miniature
+        args += ["--base-model", base_model.strip()]
     args += ["--optimizer", optimizer]
     for (flag, kind), value in zip(TRAIN_FLAGS, numbers, strict=True):
         text = str(value if value is not None else "").strip()

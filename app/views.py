@@ -128,7 +128,10 @@ def cost_table(index: dict[str, RunInfo], keys: list[str], labels: dict[str, str
     """One row per run (its label names optimizer, lr and steps): median step time, peak
     memory, optimizer state (measured in the last checkpoint, or estimated), smoothed final
     loss, and every sai-eval score."""
-    scores = {k: _flat(index[k].scores or {}) for k in keys}
+    scores = {  # sai-eval's "settings" (seeds, steps, ...) describe the scores; not shown
+        k: _flat({n: v for n, v in (index[k].scores or {}).items() if n != "settings"})
+        for k in keys
+    }
     score_keys = sorted({s for flat in scores.values() for s in flat})
     rows = []
     for key in keys:

@@ -1,4 +1,5 @@
-"""Command-line entry points: ``sai-train-lora``, ``sai-sample``, ``sai-compare`` and ``sai-app``.
+"""Command-line entry points: ``sai-train-lora``, ``sai-sample``, ``sai-eval``, ``sai-compare``
+and ``sai-app``.
 
 They parse flags into the library's config and call it; bad input ends with exit code 2 and
 one message, a diverged run with exit code 3.
@@ -264,6 +265,35 @@ def compare_main(argv: list[str] | None = None) -> int:
 
 def compare_entry() -> None:
     sys.exit(_run(compare_main, None))
+
+
+# -------------------------------------------------------------------------------- sai-eval
+def eval_main(argv: list[str] | None = None) -> int:
+    import json
+
+    p = argparse.ArgumentParser(
+        prog="sai-eval",
+        description="Score runs of a miniature-world concept with the judge: prints one JSON "
+        "line per run (concept_fidelity, prompt_fidelity and the base model's) and writes "
+        "RUN_DIR/eval.json.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders of sai-train-lora")
+    p.add_argument("--seeds", type=int, nargs="+", help="default: the concept's evaluation seeds")
+    p.add_argument("--no-base", action="store_true", help="skip the base model's scores")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    args = p.parse_args(argv)
+    from .evaluate import evaluate_run, headline
+
+    for run_dir in args.run_dirs:
+        report = evaluate_run(
+            Path(run_dir), seeds=args.seeds, with_base=not args.no_base, device=args.device
+        )
+        print(json.dumps(headline(report)), flush=True)
+    return 0
+
+
+def eval_entry() -> None:
+    sys.exit(_run(eval_main, None))
 
 
 # ---------------------------------------------------------------------------------- sai-app

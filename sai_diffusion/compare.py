@@ -16,6 +16,7 @@ token) as the concept's class word: the base model has never seen the token.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import json
@@ -257,7 +258,6 @@ class Comparer:
         Raises:
             UserError: no seeds, or steps, size or guidance out of range.
         """
-        from .lora_io import set_token_embeddings
         from .sample import SampleSettings
         from .sample import generate as sample_one
 
@@ -284,18 +284,31 @@ class Comparer:
             return out
 
         rows: dict[str, list[Image.Image]] = {}
-        with self._lock:
-            for run in self.runs:
-                set_token_embeddings(self.pipe, self._vectors[run.name])
-                self.pipe.set_adapters([self._adapters[run.name]], adapter_weights=[lora_weight])
+        for run in self.runs:
+            with self.active(run.name, lora_weight):
                 rows[run.name] = images(prompt.replace("{token}", run.token))
-            if with_base:
+        if with_base:
+            with self.active(None):
+                rows[BASE_ROW] = images(self.base_prompt(prompt))
+        return rows
+
+    @contextlib.contextmanager
+    def active(self, run_name: str | None, lora_weight: float = 1.0):
+        """Hold the pipeline with run ``run_name``'s LoRA (at ``lora_weight``) and token
+        vectors switched on, or with LoRA off for None (the base model)."""
+        from .lora_io import set_token_embeddings
+
+        with self._lock:
+            if run_name is None:
                 self.pipe.disable_lora()
                 try:
-                    rows[BASE_ROW] = images(self.base_prompt(prompt))
+                    yield self.pipe
                 finally:
                     self.pipe.enable_lora()
-        return rows
+                return
+            set_token_embeddings(self.pipe, self._vectors[run_name])
+            self.pipe.set_adapters([self._adapters[run_name]], adapter_weights=[lora_weight])
+            yield self.pipe
 
     def base_prompt(self, prompt: str) -> str:
         """The prompt of the base row: ``{token}`` and every run's token read as the class word
@@ -406,7 +419,9 @@ def report_html(
     image_src: str, prompts: Sequence[str], runs: Sequence[RunInfo], settings: Mapping[str, Any]
 ) -> str:
     esc = html.escape
-    score_keys = sorted({k for r in runs for k in (r.scores or {})})
+    score_keys = sorted(  # sai-eval's headline numbers; its per-prompt detail stays in the file
+        {k for r in runs for k, v in (r.scores or {}).items() if isinstance(v, int | float)}
+    )
     head = ["run", "concept", "token", "optimizer", "lr", "steps", "rank", "alpha",
             "base model", "base model hash", *score_keys]  # fmt: skip
     body = []

@@ -38,6 +38,8 @@ class Concept:
     validation_prompts: list[str] = field(default_factory=lambda: ["a photo of {token}"])
     lr: dict[str, float] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    # sai-eval's prompts and the world object the token stands for (miniature-world concepts)
+    evaluation: dict[str, Any] | None = None
 
     def prompts(self) -> list[str]:
         return [p.format(token=self.token) for p in self.validation_prompts]
@@ -48,7 +50,7 @@ class TrainConfig:
     """Every setting of a training run; run.yaml stores the resolved instance."""
 
     concept: str = "potter"
-    base_model: str | None = None
+    base_model: str | None = "miniature"  # the built-in model (models.BUILTIN_MINIATURE)
     base_config: str | None = None
     allow_pickle: bool = False
     output_dir: str | None = None
@@ -60,6 +62,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     scaled_reg: float = 1e-2
+    # SGD-SaI's g-SNR eps. 0, not the paper's 1e-8: LoRA's A gets its first gradient when B
+    # is still of order lr x |g|, and a fixed 1e-8 beside its tiny std would freeze A's scale
+    # near 0 (docs/dev/optimizer-spec.md); a zero variance is handled apart anyway.
+    sai_eps: float = 0.0
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
     max_grad_norm: float = 0.0
@@ -238,6 +244,7 @@ def validate(cfg: TrainConfig, where: str = "settings") -> TrainConfig:
     )
     need(0 <= cfg.weight_decay <= 1, "weight_decay", "must be in [0, 1]")
     need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")
+    need(0 <= cfg.sai_eps <= 1, "sai_eps", "must be in [0, 1]")
     need(cfg.warmup_steps >= 0, "warmup_steps", "must be >= 0")
     need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)")
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
@@ -310,6 +317,7 @@ def load_concept(name_or_path: str) -> Concept:
     if not isinstance(train, dict):
         raise UserError(f"{path}: 'train' must be a mapping of settings")
     apply_overrides(TrainConfig(), train, f"{path}: train")  # type-check early
+    evaluation = _check_evaluation(raw.get("evaluation"), path)
     return Concept(
         name=path.stem,
         path=path.resolve(),
@@ -320,7 +328,50 @@ def load_concept(name_or_path: str) -> Concept:
         validation_prompts=prompts,
         lr={k: float(v) for k, v in lr.items()},
         train=train,
+        evaluation=evaluation,
     )
+
+
+EVALUATION_DEFAULTS = {"seeds": list(range(8)), "steps": 20, "guidance": 6.0}
+
+
+def _check_evaluation(raw: Any, path: Path) -> dict[str, Any] | None:
+    """The ``evaluation`` section, completed with defaults: ``object`` (the world object the
+    token stands for, judged by the miniature world's judge), ``prompts`` (each with
+    ``{token}``), ``seeds``, ``steps`` and ``guidance`` of the DPM-Solver++ sampler."""
+    from .world import OBJECTS
+
+    if raw is None:
+        return None
+    where = f"{path}: evaluation"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be a mapping with object and prompts")
+    allowed = {"object", "prompts", *EVALUATION_DEFAULTS}
+    for key in raw:
+        if key not in allowed:
+            raise UserError(f"{where}: unknown key '{key}'{closest(key, allowed)}")
+    if raw.get("object") not in OBJECTS:
+        raise UserError(
+            f"{where}.object must name the world object the token stands for, one of "
+            f"{', '.join(OBJECTS)}; got {raw.get('object')!r}"
+        )
+    prompts = raw.get("prompts")
+    if (
+        not isinstance(prompts, list)
+        or not prompts
+        or not all(isinstance(p, str) and "{token}" in p for p in prompts)
+    ):
+        raise UserError(f"{where}.prompts must be a non-empty list of prompts with {{token}}")
+    out = {**EVALUATION_DEFAULTS, **raw}
+    seeds = out["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(type(v) is int for v in seeds):
+        raise UserError(f"{where}.seeds must be a non-empty list of integers")
+    if type(out["steps"]) is not int or not 1 <= out["steps"] <= 1000:
+        raise UserError(f"{where}.steps must be an integer in [1, 1000]")
+    if not isinstance(out["guidance"], int | float) or not 0 <= out["guidance"] <= 50:
+        raise UserError(f"{where}.guidance must be a number in [0, 50]")
+    out["guidance"] = float(out["guidance"])
+    return out
 
 
 def resolve(
@@ -357,7 +408,9 @@ def load_run_yaml(run_dir: Path) -> tuple[TrainConfig, Concept, dict[str, Any]]:
         )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        cfg = apply_overrides(TrainConfig(), data["config"], str(path))
+        saved = dict(data["config"])
+        saved.setdefault("sai_eps", 1e-8)  # runs written before the setting existed used 1e-8
+        cfg = apply_overrides(TrainConfig(), saved, str(path))
         c = dict(data["concept"])
         concept = Concept(**{**c, "path": Path(c["path"]), "data": Path(c["data"])})
     except (yaml.YAMLError, KeyError, TypeError) as exc:

@@ -49,6 +49,8 @@ def grid_layout(
     if len(col_labels) != cols:
         raise ValueError(f"{len(col_labels)} column labels for {cols} columns")
     (tile_w, tile_h), font = sizes.pop(), _font()
+    zoom = _zoom(tile_w, tile_h)
+    tile_w, tile_h = tile_w * zoom, tile_h * zoom
     left = 2 * PAD + max(_text_size(row_labels.get(k, k), font)[0] for k in rows)
     header = 2 * PAD + _lines_height(1, font)
     lines: tuple[str, ...] = ()
@@ -69,7 +71,9 @@ def make_grid(
 
     ``row_labels`` (newlines allowed; a missing key shows the key) go in a column on the left,
     ``col_labels`` above the columns, ``title`` (wrapped to the grid's width) above all. The
-    labels use PIL's built-in font. Every image must have the same size.
+    labels use PIL's built-in font. Every image must have the same size; images under
+    ``MIN_TILE`` pixels (the miniature world's 32 px) are enlarged by a whole factor, nearest
+    neighbour, so that they can be seen and their labels fit beside them.
     """
     layout = grid_layout(rows, row_labels=row_labels, col_labels=col_labels, title=title)
     grid = Image.new("RGB", layout.size, "white")
@@ -84,8 +88,19 @@ def make_grid(
         y = layout.top + i * layout.tile_h
         draw.multiline_text((PAD, y + PAD), row_labels.get(key, key), fill="black", font=font)
         for j, image in enumerate(images):
-            grid.paste(image.convert("RGB"), (layout.left + j * layout.tile_w, y))
+            tile = image.convert("RGB")
+            if tile.size != (layout.tile_w, layout.tile_h):
+                tile = tile.resize((layout.tile_w, layout.tile_h), Image.NEAREST)
+            grid.paste(tile, (layout.left + j * layout.tile_w, y))
     return grid
+
+
+MIN_TILE = 64  # pixels: smaller images are shown enlarged
+
+
+def _zoom(width: int, height: int) -> int:
+    """The whole factor that brings a tile's shorter side to at least ``MIN_TILE``."""
+    return max(1, -(-MIN_TILE // max(min(width, height), 1)))
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

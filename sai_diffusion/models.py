@@ -4,6 +4,7 @@
     single-file .safetensors (ChilloutMix) -> from_single_file, configs from configs/sd15
     .ckpt / .pt / .pth / .bin (pickle)     -> refused unless allow_pickle
     hub id "owner/name"                    -> from_pretrained (needs the network or the cache)
+    "miniature"                            -> the built-in miniature model (configs/miniature)
 
 Every way a path can be wrong ends in one ``UserError`` that names the file and the fix.
 """
@@ -27,6 +28,28 @@ WEIGHT_SUFFIXES = PICKLE_SUFFIXES | {".safetensors"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _FINGERPRINT_HEAD = 1 << 20  # folders: hash each weight file's first MiB, not all of it
 _SD_FAMILY = "SD 1.5-class (SD 1.5, ChilloutMix, Realistic Vision, ...)"
+# The base model's name when none is given: the tiny SD-1.5-architecture model pretrained on
+# the procedural world (sai_diffusion.miniature). A local folder of that name is "./miniature".
+BUILTIN_MINIATURE = "miniature"
+
+
+def resolve_source(source: str | Path) -> str | Path:
+    """``source`` itself, or the shipped folder when it names the built-in miniature model.
+
+    Raises:
+        UserError: the built-in model is missing from this installation.
+    """
+    if str(source) != BUILTIN_MINIATURE:
+        return source
+    from sai_diffusion.miniature import miniature_dir
+
+    folder = miniature_dir()
+    if not (folder / "model_index.json").is_file():
+        raise UserError(
+            f"The built-in miniature model is missing ({folder}); reinstall sai-diffusion, "
+            "rebuild it with `python scripts/pretrain_world.py`, or pass --base-model."
+        )
+    return folder
 
 
 def load_base_model(
@@ -51,6 +74,7 @@ def load_base_model(
             "No base model given. Pass --base-model with a diffusers folder, a single-file "
             ".safetensors checkpoint or a hub id (owner/name)."
         )
+    source = resolve_source(source)
     path = Path(source).expanduser()
     if path.is_dir():
         return _load_folder(path, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
@@ -84,6 +108,7 @@ def model_fingerprint(source: str | Path) -> str:
     Raises:
         UserError: the source does not exist and is not a hub id.
     """
+    source = resolve_source(source)
     path = Path(source).expanduser()
     if path.is_file():
         digest = hashlib.sha256()

@@ -65,7 +65,7 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     from diffusers.optimization import get_scheduler
 
     from .lora_io import add_concept_tokens, add_lora
-    from .models import load_base_model, model_fingerprint
+    from .models import BUILTIN_MINIATURE, load_base_model, model_fingerprint
     from .tokens import make_token_embeddings_trainable
 
     # 1. Data first: a bad dataset should fail in a second, before a model is loaded.
@@ -96,6 +96,11 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
         raise UserError(
             "no base model given: pass --base-model with a diffusers folder, a "
             ".safetensors checkpoint (e.g. ChilloutMix) or a hub id"
+        )
+    if cfg.base_model == BUILTIN_MINIATURE:
+        print(
+            "base model: the built-in miniature model (32 px world, CPU demo); pass "
+            "--base-model for a real SD 1.5-class checkpoint"
         )
     pipe = load_base_model(
         cfg.base_model,
@@ -154,6 +159,7 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
         weight_decay=cfg.weight_decay,
         momentum=cfg.momentum,
         reg=cfg.scaled_reg,
+        eps=cfg.sai_eps if cfg.optimizer == "sgd-sai" else None,
     )
     name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
     lr_scheduler = get_scheduler(

@@ -22,6 +22,7 @@ with the same seed.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -50,6 +51,7 @@ __all__ = [
     "WorldExample",
     "caption",
     "photo_pairs",
+    "prompt_asks",
     "render",
     "render_empty",
     "render_examples",
@@ -212,6 +214,26 @@ def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
         a_colour_object=_with_article(f"{scene.colour} {scene.object}"),
         background=BACKGROUND_PHRASES.get(scene.background, ""),
     )
+
+
+def prompt_asks(text: str, thing: str) -> dict[str, str | None]:
+    """What a prompt about ``thing`` (an object name, or a concept token) asks for: its
+    ``colour`` (the colour word right before ``thing``), ``background`` (a trailing "on ..."
+    phrase of ``BACKGROUND_PHRASES``) and ``style`` ("sketch" or "photo" in the text); None
+    where the prompt is silent. "a photo of a green <V> on grass" asks green, grass, photo.
+    """
+    words = re.escape(thing)
+    colour = re.search(rf"\b({'|'.join(COLOURS)})\s+{words}", text)
+    background = next(
+        (name for name, phrase in BACKGROUND_PHRASES.items() if text.endswith(f"on {phrase}")),
+        None,
+    )
+    style = SKETCH if "sketch" in text else PHOTO if "photo" in text else None
+    return {
+        "colour": colour.group(1) if colour else None,
+        "background": background,
+        "style": style,
+    }
 
 
 def _with_article(words: str) -> str:

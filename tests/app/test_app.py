@@ -220,8 +220,10 @@ def test_train_tab_translates_fields_into_the_cli_command(app_module, tmp_path):
         training.train_args(runs, "potter", "/m", "adamw", "", "", "", "", "", "../elsewhere")
     with pytest.raises(UserError, match="--lr must be a number"):
         training.train_args(runs, "potter", "/m", "adamw", "fast", "", "", "", "", "")
-    with pytest.raises(UserError, match="base model"):
-        training.train_args(runs, "potter", " ", "adamw", "", "", "", "", "", "")
+    # no base model: the concept's own, else the built-in miniature model
+    args = training.train_args(runs, "demo", " ", "sgd-sai", "", "", "", "", "", "d/a")
+    assert args[1:] == ["--concept", "demo", "--optimizer", "sgd-sai", "--output-dir",
+                        str(runs / "d/a")]  # fmt: skip
 
 
 def test_handler_errors_reach_the_page_as_one_message(app_module):

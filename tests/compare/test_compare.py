@@ -246,3 +246,20 @@ def test_folders_that_are_not_finished_runs(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert "pictures" in err
+
+
+def test_small_images_are_shown_enlarged_pixel_for_pixel():
+    """32 px tiles (the miniature world) are drawn at 64 px by nearest neighbour, so the
+    labels fit beside them and each generated pixel becomes a 2 x 2 block."""
+    tile = Image.new("RGB", (32, 32), (10, 20, 30))
+    tile.putpixel((5, 7), (250, 0, 0))
+    rows = {"a": [tile, tile], "b": [tile, tile]}
+    labels = {"a": "sgd-sai\nlr 0.03\n600 steps", "b": "base"}
+    layout = grid_layout(rows, row_labels=labels, col_labels=["s1", "s2"])
+    assert (layout.tile_w, layout.tile_h) == (64, 64)
+    grid = make_grid(rows, row_labels=labels, col_labels=["s1", "s2"])
+    assert grid.size == layout.size
+    x, y = layout.left + 64, layout.top + 64  # row b, column 2
+    block = [grid.getpixel((x + 2 * 5 + dx, y + 2 * 7 + dy)) for dx in (0, 1) for dy in (0, 1)]
+    assert block == [(250, 0, 0)] * 4
+    assert grid.getpixel((x + 2 * 5 + 2, y + 2 * 7)) == (10, 20, 30)

@@ -338,6 +338,8 @@ def test_bad_inputs_exit_2_with_one_clear_message(concept, tiny_pipeline_dir, tm
     assert "lr" in err and "(0, 10]" in err
     err = _bad(["--concept", str(concept), *base, "--resolution", "100001"], capsys)
     assert "resolution" in err
+    err = _bad(["--concept", str(concept), *base, "--set", "sai_eps=-1"], capsys)
+    assert "sai_eps" in err and "[0, 1]" in err
     err = _bad(["--concept", str(tmp_path / "missing.yaml"), *base], capsys)
     assert "missing.yaml" in err
     err = _bad(["--concept", "pottr", *base], capsys)
@@ -399,3 +401,25 @@ def test_every_shipped_concept_config_loads():
         assert any("pencil sketch" in p for p in c.validation_prompts)
         apply_overrides(TrainConfig(), c.train, name)
     assert load_concept("potter").lr["sgd-sai"] == 0.1
+
+
+def test_sgd_sai_gets_the_configured_g_snr_eps_and_old_runs_keep_theirs(
+    concept, tiny_pipeline_dir, tmp_path
+):
+    """sai_eps (default 0) reaches SGD-SaI's param groups; a run.yaml written before the
+    setting existed resumes with the paper's 1e-8."""
+    from sai_diffusion import config
+    from sai_diffusion.train import setup
+
+    flags = {"base_model": str(tiny_pipeline_dir), "resolution": 64}
+    cfg, c = config.resolve(str(concept), flags, [])
+    assert cfg.sai_eps == 0.0
+    run = setup(cfg, c, tmp_path / "run")
+    assert {g["eps"] for g in run.optimizer.optimizer.param_groups} == {0.0}
+
+    cfg.sai_eps = 1e-8
+    config.save_run_yaml(cfg, c, tmp_path / "run.yaml", {})
+    data = yaml.safe_load((tmp_path / "run.yaml").read_text())
+    del data["config"]["sai_eps"]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    assert config.load_run_yaml(tmp_path)[0].sai_eps == 1e-8

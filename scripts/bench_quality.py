@@ -1,0 +1,283 @@
+"""The paper's robustness experiment in miniature: concept and prompt fidelity over an lr grid.
+
+    python scripts/bench_quality.py                      # 4 optimizers x 5 lrs x 3 seeds
+    python scripts/bench_quality.py --lrs 1e-2,1e-1 --seeds 0 --optimizers sgd-sai  # a slice
+
+Every (optimizer, lr, seed) trains the demo concept (configs/concepts/demo.yaml, on the
+built-in miniature model) with its shipped settings, only the optimizer, lr and seed changed,
+and is scored by ``sai-eval``'s judge (concept_fidelity, prompt_fidelity). The base model's
+scores are measured once. Like Table 2 of "No More Adam", each optimizer gets a Peak (best lr,
+mean over seeds, +- std over seeds) and an Avg (mean over the whole lr grid, +- std over
+seeds of the grid averages): Peak says how good it can be, Avg how forgiving it is.
+
+Runs go to ``--out`` (one folder each, plus results.jsonl with one line per finished run); a
+second call skips the runs already in results.jsonl, so an interrupted benchmark resumes.
+``--workers`` processes train side by side with one torch thread each. Writes results.md
+(table) and quality.png (fidelity against lr) next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+OPTIMIZERS = ("sgd-sai", "scaled-adamw", "adamw", "sgd")
+METRICS = ("concept_fidelity", "prompt_fidelity")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--concept", default="demo")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    p.add_argument("--lrs", default="1e-4,1e-3,1e-2,1e-1,1", help="comma-separated grid")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=None, help="default: the concept's max_steps")
+    p.add_argument("--eval-seeds", default=None, help="default: the concept's evaluation seeds")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("bench/quality"))
+    p.add_argument("--plot", type=Path, default=None, help="default: OUT/quality.png")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    optimizers = args.optimizers.split(",")
+    lrs = [float(v) for v in args.lrs.split(",")]
+    seeds = [int(v) for v in args.seeds.split(",")]
+    eval_seeds = None if args.eval_seeds is None else [int(v) for v in args.eval_seeds.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.jsonl"
+    done = {_key(r) for r in _read_results(results_path)}
+    jobs = [(o, lr, s) for o in optimizers for lr in lrs for s in seeds
+            if _key({"optimizer": o, "lr": lr, "seed": s}) not in done]  # fmt: skip
+    print(f"{len(jobs)} runs to train ({len(done)} already in {results_path})", flush=True)
+
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.workers, initializer=_one_thread) as pool:
+        futures = [pool.submit(train_and_score, args.concept, *job, args.steps, args.out,
+                               eval_seeds) for job in jobs]  # fmt: skip
+        for i, future in enumerate(as_completed(futures), 1):
+            result = future.result()
+            with results_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(result) + "\n")
+            elapsed = time.perf_counter() - started
+            eta = elapsed / i * (len(jobs) - i)
+            print(f"[{i}/{len(jobs)}] {_describe(result)}  ({elapsed:.0f} s, ETA {eta:.0f} s)",
+                  flush=True)  # fmt: skip
+
+    results = [r for r in _read_results(results_path)
+               if r["optimizer"] in optimizers and r["lr"] in lrs and r["seed"] in seeds]  # fmt: skip
+    base = _base_scores(args, results, eval_seeds)
+    table = summarise(results, optimizers)
+    markdown = render_markdown(table, results, base, args, time.perf_counter() - started)
+    (args.out / "results.md").write_text(markdown, encoding="utf-8")
+    plot(results, optimizers, base, args.plot or args.out / "quality.png")
+    print(markdown)
+    return 0
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------ one run
+def train_and_score(
+    concept_name: str,
+    optimizer: str,
+    lr: float,
+    seed: int,
+    steps: int | None,
+    out: Path,
+    eval_seeds: list[int] | None = None,
+) -> dict:
+    """Train one run in this process and let the judge score it (no base model)."""
+    from sai_diffusion import config
+    from sai_diffusion.evaluate import evaluate_run
+    from sai_diffusion.train import TrainingDiverged, run_training
+
+    flags = {"optimizer": optimizer, "lr": lr, "seed": seed, "max_steps": steps}
+    cfg, concept = config.resolve(concept_name, flags, ["checkpoint_every=0"])
+    run_dir = out / f"{optimizer}-lr{lr:g}-seed{seed}"
+    if run_dir.exists():  # a run killed before it reached results.jsonl starts over
+        import shutil
+
+        shutil.rmtree(run_dir)
+    cfg.output_dir = str(run_dir)
+    result = {"optimizer": optimizer, "lr": lr, "seed": seed, "steps": cfg.max_steps,
+              "run": str(run_dir)}  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        run_training(cfg, concept, run_dir)
+    except TrainingDiverged as exc:  # a diverged run captured nothing
+        return {**result, "diverged": str(exc).splitlines()[0], **dict.fromkeys(METRICS, 0.0),
+                "train_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    train_s = time.perf_counter() - t0
+    report = evaluate_run(run_dir, seeds=eval_seeds, with_base=False)
+    return {**result, "diverged": None, **{m: report[m] for m in METRICS},
+            "final_loss": _final_loss(run_dir), "train_s": round(train_s, 1)}  # fmt: skip
+
+
+def _final_loss(run_dir: Path) -> float | None:
+    """Mean loss over the last 50 logged steps."""
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    losses = [json.loads(line)["loss"] for line in lines[-50:] if '"loss"' in line]
+    return round(statistics.fmean(losses), 5) if losses else None
+
+
+def _base_scores(args, results: list[dict], eval_seeds: list[int] | None) -> dict | None:
+    """The base model's fidelities, measured once per set of evaluation seeds (cached in OUT)."""
+    path = args.out / "base.json"
+    if path.is_file():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("eval_seeds") == eval_seeds:
+            return cached
+    finished = [r for r in results if not r.get("diverged")]
+    if not finished:
+        return None
+    from sai_diffusion.evaluate import evaluate_run
+
+    report = evaluate_run(Path(finished[0]["run"]), seeds=eval_seeds, write=False)
+    base = {m: report[f"base_{m}"] for m in METRICS}
+    path.write_text(json.dumps({**base, "eval_seeds": eval_seeds}) + "\n", encoding="utf-8")
+    return base
+
+
+# ------------------------------------------------------------------------------ summary
+def summarise(results: list[dict], optimizers: list[str]) -> dict[str, dict]:
+    """Per optimizer and metric: Peak (best lr's seed mean, its seed std, that lr) and Avg
+    (mean over lrs of the seed means; std over seeds of each seed's grid average)."""
+    table = {}
+    for opt in optimizers:
+        mine = [r for r in results if r["optimizer"] == opt]
+        if not mine:
+            continue
+        lrs = sorted({r["lr"] for r in mine})
+        seeds = sorted({r["seed"] for r in mine})
+        row = {"runs": len(mine), "diverged": sum(bool(r.get("diverged")) for r in mine)}
+        for metric in METRICS:
+            by_lr = {lr: [r[metric] for r in mine if r["lr"] == lr] for lr in lrs}
+            means = {lr: statistics.fmean(v) for lr, v in by_lr.items()}
+            best = max(lrs, key=lambda lr: (means[lr], -lr))
+            per_seed = [statistics.fmean(r[metric] for r in mine if r["seed"] == s)
+                        for s in seeds]  # fmt: skip
+            row[metric] = {
+                "peak": means[best],
+                "peak_std": _std(by_lr[best]),
+                "peak_lr": best,
+                "avg": statistics.fmean(means.values()),
+                "avg_std": _std(per_seed),
+                "by_lr": means,
+            }
+        table[opt] = row
+    return table
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def render_markdown(table: dict, results: list[dict], base: dict | None, args, wall: float) -> str:
+    lines = [
+        "| optimizer | Peak concept | Avg concept | Peak prompt | Avg prompt "
+        "| best lr (concept) | diverged |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for opt, row in table.items():
+        c, p = row["concept_fidelity"], row["prompt_fidelity"]
+        lines.append(
+            f"| {opt} | {c['peak']:.3f} ± {c['peak_std']:.3f} | {c['avg']:.3f} ± "
+            f"{c['avg_std']:.3f} | {p['peak']:.3f} ± {p['peak_std']:.3f} | {p['avg']:.3f} ± "
+            f"{p['avg_std']:.3f} | {c['peak_lr']:g} | {row['diverged']}/{row['runs']} |"
+        )
+    if base:
+        lines.append(
+            f"| base model (no LoRA) | {base['concept_fidelity']:.3f} | | "
+            f"{base['prompt_fidelity']:.3f} | | | |"
+        )
+    lrs = sorted({r["lr"] for r in results})
+    lines += ["", "Concept fidelity per lr (mean over seeds):", "",
+              "| optimizer | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
+              "|---|" + "---:|" * len(lrs)]  # fmt: skip
+    for opt, row in table.items():
+        by_lr = row["concept_fidelity"]["by_lr"]
+        cells = [f"{by_lr[lr]:.2f}" if lr in by_lr else "" for lr in lrs]
+        lines.append(f"| {opt} | " + " | ".join(cells) + " |")
+    train_s = [r["train_s"] for r in results if r.get("train_s")]
+    command = "python " + shlex.join(["scripts/bench_quality.py", *sys.argv[1:]])
+    lines += [
+        "",
+        f"Command: `{command}`; {len(results)} runs; this call's wall time {wall:.0f} s with "
+        f"{args.workers} workers of 1 thread; median training {statistics.median(train_s):.0f} s "
+        f"per run. Machine: {platform.platform()}, {os.cpu_count()} CPUs.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], optimizers: list[str], base: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, metric in zip(axes, METRICS, strict=True):
+        for opt in optimizers:
+            mine = [r for r in results if r["optimizer"] == opt]
+            lrs = sorted({r["lr"] for r in mine})
+            if not lrs:
+                continue
+            values = [[r[metric] for r in mine if r["lr"] == lr] for lr in lrs]
+            ax.errorbar(lrs, [statistics.fmean(v) for v in values],
+                        yerr=[_std(v) for v in values], marker="o", capsize=3, label=opt)  # fmt: skip
+        if base:
+            ax.axhline(base[metric], color="grey", linestyle="--", label="base model")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(metric.replace("_", " "))
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of judged images (mean ± std over seeds)")
+    axes[1].legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _read_results(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a torn last line of an interrupted call
+    return out
+
+
+def _key(result: dict) -> tuple[str, float, int]:
+    return result["optimizer"], float(result["lr"]), int(result["seed"])
+
+
+def _describe(result: dict) -> str:
+    head = f"{result['optimizer']} lr {result['lr']:g} seed {result['seed']}"
+    if result.get("diverged"):
+        return f"{head}: diverged"
+    scores = ", ".join(f"{m.split('_')[0]} {result[m]:.2f}" for m in METRICS)
+    return f"{head}: {scores}, loss {result['final_loss']}, {result['train_s']:.0f} s"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
