@@ -32,7 +32,7 @@ echo "== judging both runs (and the base model) with sai-eval"
 echo "== side by side with sai-compare"
 "$bin/sai-compare" "$out/sgd-sai" "$out/scaled-adamw" --with-base \
   --prompt "a photo of a red {token} on a white background" \
-  --prompt "a photo of a green {token} on grass" \
+  --prompt "a photo of a yellow {token} on grass" \
   --prompt "a pencil sketch of {token}" \
   --seeds 1 2 3 4 5 6 --steps 20 --guidance 6 --out "$out/grid.png"
 echo "open $out/grid.html, or browse the runs with: $bin/sai-app --runs-dir $out"
