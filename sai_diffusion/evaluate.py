@@ -122,6 +122,7 @@ def score_images(judge, obj: str, rows: Sequence[tuple[str, list, list | None]])
     per-prompt breakdown: what the prompt asks, and the two shares for the run and the base.
     """
     from . import world
+    from .judge import describe
 
     totals = {"run": [0, 0, 0], "base": [0, 0, 0]}  # images, concept shown, prompt followed
     per_prompt = []
@@ -140,7 +141,7 @@ def score_images(judge, obj: str, rows: Sequence[tuple[str, list, list | None]])
             entry[key] = {
                 "concept_fidelity": _share(sum(shown), len(group)),
                 "prompt_fidelity": _share(sum(followed), len(group)),
-                "judged": [_describe(v) for v in verdicts],
+                "judged": [describe(v) for v in verdicts],
             }
         per_prompt.append(entry)
     run_n, run_shown, run_followed = totals["run"]
@@ -162,14 +163,6 @@ def _follows(verdict: dict, asks: dict[str, str | None]) -> bool:
 
 def _share(part: int, whole: int) -> float:
     return round(part / whole, 4) if whole else 0.0
-
-
-def _describe(verdict: dict) -> str:
-    from . import world
-
-    if verdict["style"] == world.SKETCH:
-        return f"{verdict['object']} (sketch)"
-    return f"{verdict['colour']} {verdict['object']} on {verdict['background']}"
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:

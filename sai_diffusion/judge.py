@@ -154,6 +154,13 @@ def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     return uint8_to_input(torch.from_numpy(np.stack(arrays)))
 
 
+def describe(prediction: Mapping) -> str:
+    """'red star on blue (photo)' or 'star (sketch)': a ``Judge.predict`` verdict as text."""
+    if prediction["style"] == world.SKETCH:
+        return f"{prediction['object']} (sketch)"
+    return f"{prediction['colour']} {prediction['object']} on {prediction['background']} (photo)"
+
+
 def uint8_to_input(batch: torch.Tensor) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]: the judge's normalisation."""
     return batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)

@@ -27,7 +27,7 @@ from PIL import Image
 from sai_diffusion import world
 from sai_diffusion._resources import configs_dir
 from sai_diffusion.grid import make_grid
-from sai_diffusion.judge import HEADS, Judge, accuracy
+from sai_diffusion.judge import HEADS, Judge, accuracy, describe
 
 __all__ = [
     "DEFAULT_GUIDANCE",
@@ -136,7 +136,7 @@ def evaluate_base(
         judged = judge.predict(images)
         predictions += judged
         truths += [scene] * len(seeds)
-        per_prompt.append({"prompt": prompt, "judged": [_short(p) for p in judged]})
+        per_prompt.append({"prompt": prompt, "judged": [describe(p) for p in judged]})
 
     def score(keep) -> dict[str, float]:
         kept = [(p, s) for p, s in zip(predictions, truths, strict=True) if keep(s)]
@@ -158,13 +158,6 @@ def evaluate_base(
             "images": len(predictions),
         },
     }
-
-
-def _short(prediction: dict) -> str:
-    """'red star on blue (photo)' from a judge prediction."""
-    if prediction["style"] == world.SKETCH:
-        return f"{prediction['object']} (sketch)"
-    return f"{prediction['colour']} {prediction['object']} on {prediction['background']} (photo)"
 
 
 def sample_grid(

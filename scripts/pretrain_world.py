@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from sai_diffusion import world
 from sai_diffusion.fsutil import atomic_dir, atomic_write_text
-from sai_diffusion.judge import Judge, accuracy
+from sai_diffusion.judge import Judge, accuracy, uint8_to_input
 from sai_diffusion.miniature import evaluate_base, evaluation_scenes, miniature_dir, sample_grid
 from sai_diffusion.tiny import build_tiny_pipeline
 
@@ -226,8 +226,7 @@ class Pool(NamedTuple):
 def render_pool(n: int, seed: int, size: int, tokenizer) -> Pool:
     """``n`` world images without ``HELD_OUT`` and their captions."""
     examples = world.render_examples(n, seed, size=size, exclude_objects=(world.HELD_OUT,))
-    array = np.stack([np.asarray(e.image, dtype=np.uint8) for e in examples])  # (n, H, W, 3)
-    pixels = torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    pixels = _to_pixels([e.image for e in examples])
     captions = [""] + sorted({e.caption for e in examples})
     position = {c: i for i, c in enumerate(captions)}
     said = {"": {head: None for head in TEXT_HEADS}}
@@ -263,6 +262,11 @@ def _label(head: str, value: str | None) -> int:
     """Class index of ``value`` for ``head``; None ("not said") is the last class."""
     names = TEXT_HEADS[head]
     return len(names) if value is None else names.index(value)
+
+
+def _to_pixels(images: list[Image.Image]) -> torch.Tensor:
+    """RGB images -> (n, 3, H, W) in [-1, 1], the judge's (and SD's) pixel range."""
+    return uint8_to_input(torch.from_numpy(np.stack([np.asarray(im) for im in images])))
 
 
 def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -313,8 +317,7 @@ def judge_reconstructions(vae, args, device, n: int = 400) -> dict:
     ceiling any UNet on these latents can reach."""
     examples = world.render_examples(n, args.seed + 5000, size=args.resolution)
     images = [e.image for e in examples]
-    array = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
-    x = torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)
+    x = _to_pixels(images).to(device)
     recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     out = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     rebuilt = [Image.fromarray(a) for a in out]
