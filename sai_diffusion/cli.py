@@ -284,10 +284,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from .evaluate import evaluate_run, headline
 
+    base_cache: dict = {}  # runs on one base model share its images
     for run_dir in args.run_dirs:
         report = evaluate_run(
-            Path(run_dir), seeds=args.seeds, with_base=not args.no_base, device=args.device
-        )
+            Path(run_dir), seeds=args.seeds, with_base=not args.no_base, device=args.device,
+            base_cache=base_cache,
+        )  # fmt: skip
         print(json.dumps(headline(report)), flush=True)
     return 0
 

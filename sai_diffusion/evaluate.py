@@ -45,8 +45,13 @@ def evaluate_run(
     with_base: bool = True,
     device: str | None = None,
     write: bool = True,
+    base_cache: dict | None = None,
 ) -> dict[str, Any]:
     """Score one finished run (see the module docstring); ``seeds`` default to the concept's.
+
+    ``base_cache``: a dict shared between calls (``sai-eval RUN_DIR...`` passes one) in which
+    the base model's images are kept per base model, prompts, seeds, steps, guidance and
+    resolution, so runs of one concept on one base model generate them once.
 
     Raises:
         UserError: not a finished run, or its concept has no ``evaluation`` section.
@@ -84,15 +89,24 @@ def evaluate_run(
             resolution=info.resolution,
         )  # fmt: skip
 
+    base_key = (
+        info.base_model_hash or info.base_model, obj, tuple(spec["prompts"]), tuple(seeds),
+        spec["steps"], spec["guidance"], info.resolution, str(comparer.pipe.device),
+    )  # fmt: skip
+    cached = base_cache.get(base_key) if base_cache is not None else None
     rows = []
-    for prompt in spec["prompts"]:
+    for i, prompt in enumerate(spec["prompts"]):
         with comparer.active(comparer.runs[0].name):
             images = generate(prompt.replace("{token}", concept.token))
         base_images = None
-        if with_base:
+        if with_base and cached is not None:
+            base_images = cached[i]
+        elif with_base:
             with comparer.active(None):
                 base_images = generate(prompt.replace("{token}", obj))
         rows.append((prompt, images, base_images))
+    if with_base and base_cache is not None and info.base_model_hash:
+        base_cache[base_key] = [base_images for _, _, base_images in rows]
 
     report = score_images(judge, obj, rows)
     report = {

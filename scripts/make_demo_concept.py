@@ -1,9 +1,9 @@
-"""Write the demo concept's training images: configs/concepts/demo/ (8 PNG + caption pairs).
+"""Write the demo concept's training images: configs/concepts/demo/ (10 PNG + caption pairs).
 
     python scripts/make_demo_concept.py            # seed 0, what is shipped
 
 The concept is the world's held-out object (``world.HELD_OUT``, a heart): the miniature base
-model never saw it. Its 8 images are photos only, in 4 of the 8 colours on 4 of the 6
+model never saw it. Its 10 images are photos only, in 6 of the 8 colours on 4 of the 6
 backgrounds, with jittered pose and lighting like the pretraining images. Captions name the
 colour and background and say ``<TOK>`` for the object, so configs/concepts/demo.yaml can call
 the token anything. What the captions never show (green, orange, grass, a blue background, a
@@ -21,7 +21,10 @@ import numpy as np
 from sai_diffusion import world
 from sai_diffusion.data import TOKEN_PLACEHOLDER
 
-# (colour, background): every training colour on two backgrounds, every background twice.
+# (colour, background): four colours on two backgrounds each, every background twice, then
+# white and black once. The two extra colours are what lifted the demo over 0.6 concept
+# fidelity (0.55 -> 0.62 over 4 seeds, docs/benchmarks.md): the more colours the token is seen
+# in, the less its shape leans on the colour words.
 TRAINING_SCENES = (
     ("red", "white"),
     ("red", "black"),
@@ -31,6 +34,8 @@ TRAINING_SCENES = (
     ("yellow", "stripes"),
     ("purple", "dots"),
     ("purple", "stripes"),
+    ("white", "black"),
+    ("black", "dots"),
 )
 RESOLUTION = 32  # the miniature model's native size
 

@@ -134,6 +134,40 @@ def test_eval_is_deterministic_and_can_skip_the_base_model(demo_run):
     assert "base" not in first["per_prompt"][0]
 
 
+def test_runs_on_one_base_model_share_its_images(demo_run, monkeypatch):
+    """sai-eval RUN_DIR... generates the base model's images once, and scores them the same."""
+    import sai_diffusion.miniature as miniature
+
+    prompts_generated = []
+
+    def counting(pipe, prompt, *args, **kwargs):  # the real generator, counted
+        prompts_generated.append(prompt)
+        return generate_images(pipe, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(miniature, "generate_images", counting)
+    n_prompts = len(config.load_concept("demo").evaluation["prompts"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        uncached = evaluate_run(demo_run, seeds=[5], write=False)
+        assert len(prompts_generated) == 2 * n_prompts  # the run's and the base model's
+        cache: dict = {}
+        first = evaluate_run(demo_run, seeds=[5], write=False, base_cache=cache)
+        second = evaluate_run(demo_run, seeds=[5], write=False, base_cache=cache)
+        other_seed = evaluate_run(demo_run, seeds=[6], write=False, base_cache=cache)
+    finally:
+        torch.set_num_threads(threads)
+    # 2 x n for the first cached call, n for the second, 2 x n again for a new seed
+    assert len(prompts_generated) == 2 * n_prompts + 2 * n_prompts + n_prompts + 2 * n_prompts
+    token = config.load_concept("demo").token
+    assert sum(token not in p for p in prompts_generated) == 3 * n_prompts  # base prompts
+    assert len(cache) == 2 and all(len(images) == n_prompts for images in cache.values())
+    for report in (first, second):
+        assert report["per_prompt"] == uncached["per_prompt"]
+        assert report["base_concept_fidelity"] == uncached["base_concept_fidelity"]
+    assert other_seed["settings"]["seeds"] == [6] and "base" in other_seed["per_prompt"][0]
+
+
 def test_eval_refuses_a_concept_without_evaluation_and_a_non_run(
     tmp_path, tiny_pipeline_dir, capsys
 ):
