@@ -23,8 +23,8 @@ from sai_diffusion.data import TOKEN_PLACEHOLDER
 
 # (colour, background): four colours on two backgrounds each, every background twice, then
 # white and black once. The two extra colours are what lifted the demo over 0.6 concept
-# fidelity (0.53 over 2 seeds -> 0.62 over 4, docs/benchmarks.md): the more colours the token is seen
-# in, the less its shape leans on the colour words.
+# fidelity (0.53 over 2 seeds -> 0.62 over 4, docs/benchmarks.md): the more colours the token
+# is seen in, the less its shape leans on the colour words.
 TRAINING_SCENES = (
     ("red", "white"),
     ("red", "black"),
