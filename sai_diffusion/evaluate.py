@@ -89,23 +89,26 @@ def evaluate_run(
             resolution=info.resolution,
         )  # fmt: skip
 
-    base_key = (
-        info.base_model_hash or info.base_model, obj, tuple(spec["prompts"]), tuple(seeds),
-        spec["steps"], spec["guidance"], info.resolution, str(comparer.pipe.device),
-    )  # fmt: skip
-    cached = base_cache.get(base_key) if base_cache is not None else None
+    # Only a base model with a content hash can be recognised again by another run.
+    base_key = None
+    if with_base and base_cache is not None and info.base_model_hash:
+        base_key = (
+            info.base_model_hash, obj, tuple(spec["prompts"]), tuple(seeds), spec["steps"],
+            spec["guidance"], info.resolution, str(comparer.pipe.device),
+        )  # fmt: skip
+    cached = base_cache.get(base_key) if base_key is not None else None
     rows = []
     for i, prompt in enumerate(spec["prompts"]):
         with comparer.active(comparer.runs[0].name):
             images = generate(prompt.replace("{token}", concept.token))
         base_images = None
-        if with_base and cached is not None:
+        if cached is not None:
             base_images = cached[i]
         elif with_base:
             with comparer.active(None):
                 base_images = generate(prompt.replace("{token}", obj))
         rows.append((prompt, images, base_images))
-    if with_base and base_cache is not None and info.base_model_hash:
+    if base_key is not None and cached is None:
         base_cache[base_key] = [base_images for _, _, base_images in rows]
 
     report = score_images(judge, obj, rows)
