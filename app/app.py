@@ -3,9 +3,9 @@
     sai-app --runs-dir runs/          # http://127.0.0.1:7860
 
 UI only. Like LLaMA-Factory's web UI it is a translator: widget values become the arguments
-of the library's functions (``compare.Comparer`` and ``make_grid`` for images,
-``runs_view`` for curves, g-SNR and costs, the ``sai-train-lora`` command line for a new run)
-and nothing here re-implements them.
+of the library's functions (``compare.Comparer`` for the grid and its images,
+``compare.labels`` for the run picker, ``compare.views`` for curves, g-SNR and costs, the
+``sai-train-lora`` command line for a new run) and nothing here re-implements them.
 
 Safe by default: it binds 127.0.0.1, serves files from the runs folder only (plus gradio's
 cache of the images it generated), sends no analytics, and shows errors as one message.
@@ -33,13 +33,15 @@ from typing import Any
 
 import gradio as gr
 
-from sai_diffusion import runs_view
-from sai_diffusion.compare import Comparer, RunInfo, row_labels
+from sai_diffusion.compare import Comparer, RunInfo
+from sai_diffusion.compare.labels import group_runs, run_labels
+from sai_diffusion.config import available_concepts
 from sai_diffusion.errors import UserError
+from sai_diffusion.files.run_dir import EVAL_FILE, GSNR_FILE, METRICS_FILE, RUN_FILE, index_runs
 from sai_diffusion.fsutil import atomic_path
-from sai_diffusion.grid import make_grid
+from sai_diffusion.optim import OPTIMIZERS
 
-from .training import TrainingJob, shown_command, train_args
+from .training import TRAIN_FIELDS, TrainingJob, shown_command, train_args
 from .views import COST_HEADERS, cost_table, gsnr_figure, loss_figure, sample_gallery
 
 log = logging.getLogger("sai_app")
@@ -125,7 +127,7 @@ class ComparerCache:
         self._lock = threading.Lock()
 
     def get(self, runs: list[RunInfo], *, device: str | None) -> Comparer:
-        key = tuple(sorted((str(r.path), _mtime(r.path / "lora.safetensors")) for r in runs))
+        key = tuple(sorted((str(r.path), _mtime(r.files.lora)) for r in runs))
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -159,7 +161,7 @@ class CompareApp:
 
     # -- the run list
     def index(self) -> dict[str, RunInfo]:
-        return runs_view.index_runs(self.runs_dir)
+        return index_runs(self.runs_dir)
 
     def resolve(self, keys: list[str] | str | None) -> list[RunInfo]:
         """Run keys (``concept/folder``) or unique folder names -> runs, in the given order.
@@ -189,7 +191,7 @@ class CompareApp:
     def scan(self, group: str | None, selected: list[str] | None):
         """Page load and Rescan: the groups and the runs of the chosen one."""
         index = self.index()
-        groups = runs_view.group_runs(index)
+        groups = group_runs(index)
         choices = _group_choices(groups)
         if group not in choices:
             group = next(iter(groups), ALL_RUNS)
@@ -210,8 +212,8 @@ class CompareApp:
     @user_errors
     def pick_group(self, group: str | None, selected: list[str] | None, index=None):
         index = index if index is not None else self.index()
-        labels = runs_view.run_labels(index)
-        groups = runs_view.group_runs(index)
+        labels = run_labels(index)
+        groups = group_runs(index)
         keys = groups.get(group, list(index)) if group != ALL_RUNS else list(index)
         keep = [k for k in selected or [] if k in keys]
         return gr.Dropdown(choices=[(labels[k], k) for k in keys], value=keep)
@@ -221,7 +223,7 @@ class CompareApp:
     def show_runs(self, selected: list[str] | None, prompt: str, smoothing: float):
         index = self.index()
         keys = [k for k in selected or [] if k in index]
-        labels = runs_view.run_labels(index)
+        labels = run_labels(index)
         prompts = _prompts([index[k] for k in keys])
         offered = {  # what an earlier choice of runs put there; the user's own text stays
             q
@@ -243,7 +245,7 @@ class CompareApp:
     def replot(self, selected: list[str] | None, smoothing: float):
         index = self.index()
         keys = [k for k in selected or [] if k in index]
-        return loss_figure(index, keys, runs_view.run_labels(index), smoothing)
+        return loss_figure(index, keys, run_labels(index), smoothing)
 
     # -- images
     @user_errors
@@ -271,9 +273,14 @@ class CompareApp:
         def report(done: int, total: int) -> None:
             progress(done / total, desc=f"image {done} of {total}")
 
-        rows = comparer.generate(
+        settings = (
+            f"LoRA weight {float(lora_weight):g}, {int(steps)} steps, cfg {float(guidance):g}"
+        )
+        shown = comparer.compare(
             prompt,
             seed_list,
+            title=f"{prompt}  ({settings})",
+            order=[r.path for r in chosen],  # the cached comparer orders runs by path
             steps=int(steps),
             guidance=float(guidance),
             negative_prompt=(negative_prompt or "").strip() or None,
@@ -281,38 +288,22 @@ class CompareApp:
             progress=report,
             with_base=bool(with_base),
         )
-        # the cached comparer orders runs by path; show them as they were picked
-        name_of = {r.path: r.name for r in comparer.runs}
-        order = [name_of[r.path] for r in chosen] + [k for k in rows if k not in name_of.values()]
-        rows = {name: rows[name] for name in order}
-        labels = row_labels(comparer.runs, with_base=bool(with_base))
-        columns = [f"seed {s}" for s in seed_list]
-        settings = (
-            f"LoRA weight {float(lora_weight):g}, {int(steps)} steps, cfg {float(guidance):g}"
-        )
-        title = f"{prompt}  ({settings})"
-        grid = make_grid(rows, row_labels=labels, col_labels=columns, title=title)
         path = self.grid_dir / f"compare-{time.strftime('%Y%m%d-%H%M%S')}-{next(self._count)}.png"
         with atomic_path(path) as tmp:
-            grid.save(tmp, format="PNG")
-        items = [
-            (image, f"{labels.get(name, name).replace(chr(10), ' · ')} · seed {seed}")
-            for name, images in rows.items()
-            for seed, image in zip(seed_list, images, strict=True)
-        ]
-        return str(path), {"grid": str(path), "items": items, "columns": len(seed_list)}
+            shown.grid.save(tmp, format="PNG")
+        return str(path), {"grid": str(path), "items": shown.items(), "columns": len(seed_list)}
 
     # -- training (a subprocess of the CLI)
-    def train_command(self, *values) -> str:
-        return shown_command(train_args(self.runs_dir, *values))
+    def train_command(self, settings: dict[str, str]) -> str:
+        return shown_command(train_args(self.runs_dir, settings))
 
     @user_errors
-    def start_training(self, *values) -> Iterator[tuple[str, str]]:
+    def start_training(self, settings: dict[str, str]) -> Iterator[tuple[str, str]]:
         if self.training is not None and self.training.running:
             raise UserError(
                 f"A run is already training ({self.training.run_dir}); wait for it or stop it."
             )
-        args = train_args(self.runs_dir, *values)
+        args = train_args(self.runs_dir, settings)
         self.training = job = TrainingJob(args, Path(args[args.index("--output-dir") + 1]))
         yield shown_command(args), "starting..."
         while job.running:
@@ -354,7 +345,7 @@ def build_app(
     only with ``allow_training``)."""
     app = CompareApp(runs_dir, device=device)
     index = app.index()
-    groups = runs_view.group_runs(index)
+    groups = group_runs(index)
     first_group = next(iter(groups), ALL_RUNS)
 
     with gr.Blocks(title="sai-diffusion: side by side", analytics_enabled=False) as demo:
@@ -367,7 +358,7 @@ def build_app(
                 label="Concept · base model",
                 scale=1,
             )
-            labels = runs_view.run_labels(index)
+            labels = run_labels(index)
             runs = gr.Dropdown(
                 choices=[(labels[k], k) for k in groups.get(first_group, list(index))],
                 value=[],
@@ -425,13 +416,13 @@ def build_app(
             loss_plot = gr.Plot(label="Loss", elem_id="loss-plot")
             table = gr.Dataframe(headers=COST_HEADERS, label="Cost and scores", wrap=True)
             gr.Markdown(
-                "Median step time and peak memory come from `metrics.jsonl`; optimizer state "
-                "is measured in the last checkpoint's `optimizer.pt` (est.: from the LoRA size). "
-                "Score columns come from `eval.json` when the run has been scored.",
+                f"Median step time and peak memory come from `{METRICS_FILE}`; optimizer "
+                "state is measured in the last checkpoint (est.: from the LoRA size). Score "
+                f"columns come from `{EVAL_FILE}` when the run has been scored.",
                 elem_classes="sai-note",
             )
             gsnr_plot = gr.Plot(
-                label="SGD-SaI g-SNR scale per block (gsnr.json)", elem_id="gsnr-plot"
+                label=f"SGD-SaI g-SNR scale per block ({GSNR_FILE})", elem_id="gsnr-plot"
             )
             samples = gr.Gallery(label="Validation samples at the end of training", columns=4)
 
@@ -469,20 +460,20 @@ def build_app(
 
 def _train_tab(app: CompareApp):
     """Fields -> the ``sai-train-lora`` command (shown live), run as a child process. Returns
-    the start event."""
-    from sai_diffusion.config import DEFAULT_LR, available_concepts
-
+    the start event. The fields reach the handlers as one settings mapping (``TRAIN_FIELDS``
+    names), the shape ``training.train_args`` takes."""
     gr.Markdown(
         "Starts `sai-train-lora` as a separate process with the command shown; the run "
-        "is written under the runs folder and appears above once it has a `run.yaml`.",
+        f"is written under the runs folder and appears above once it has a `{RUN_FILE}`.",
         elem_classes="sai-note",
     )
     default = "concept's default"
     first = next(iter(app.index().values()), None)  # the newest habits are a good start
+    concepts = available_concepts()
     with gr.Row():
         t_concept = gr.Dropdown(
-            available_concepts(),
-            value=first.concept if first and first.concept in available_concepts() else "demo",
+            concepts,
+            value=first.concept if first and first.concept in concepts else "demo",
             label="Concept",
             allow_custom_value=True,
             info="a shipped concept or a path to your YAML",
@@ -493,37 +484,45 @@ def _train_tab(app: CompareApp):
             placeholder="empty: the concept's, else the built-in miniature model",
             info="diffusers folder, .safetensors or hub id",
         )
-        t_opt = gr.Dropdown(list(DEFAULT_LR), value="sgd-sai", label="Optimizer")
+        t_opt = gr.Dropdown(list(OPTIMIZERS), value="sgd-sai", label="Optimizer")
         t_lr = gr.Textbox(label="Learning rate", placeholder=default)
     with gr.Row():
-        t_steps = gr.Textbox(label="Max steps", placeholder=default)
+        t_steps = gr.Textbox(label="Max steps", placeholder=default, elem_id="train-max-steps")
         t_res = gr.Textbox(label="Resolution", placeholder=default)
         t_rank = gr.Textbox(label="Rank", placeholder=default)
         t_seed = gr.Textbox(label="Seed", placeholder=default)
         t_name = gr.Textbox(
             label="Run folder", placeholder="inside the runs folder; empty: concept/optimizer-time"
         )
-    fields = [t_concept, t_base, t_opt, t_lr, t_steps, t_res, t_rank, t_seed, t_name]
-    preview = _safe(app.train_command)
+    widgets = [t_concept, t_base, t_opt, t_lr, t_steps, t_res, t_rank, t_seed, t_name]
+    fields = dict(zip(TRAIN_FIELDS, widgets, strict=True))
+
+    def settings(values: dict) -> dict[str, str]:  # gradio passes {component: value}
+        return {name: values[widget] for name, widget in fields.items()}
+
+    @_safe
+    def preview(values: dict) -> str:
+        return app.train_command(settings(values))
+
+    def start(values: dict) -> Iterator[tuple[str, str]]:
+        yield from app.start_training(settings(values))
+
     t_command = gr.Code(
-        value=preview(*(f.value for f in fields)),
+        value=preview({widget: widget.value for widget in widgets}),
         label="Equivalent command",
         language="shell",
         interactive=False,
+        elem_id="train-command",
     )
     with gr.Row():
         t_start = gr.Button("Start training", variant="primary")
         t_stop = gr.Button("Stop")
     t_log = gr.Textbox(label="Progress", lines=6, interactive=False)
 
-    for field in fields:
-        field.change(preview, fields, t_command, api_visibility="private")
+    for widget in widgets:
+        widget.change(preview, set(widgets), t_command, api_visibility="private")
     started = t_start.click(
-        app.start_training,
-        fields,
-        [t_command, t_log],
-        api_visibility="private",
-        concurrency_limit=1,
+        start, set(widgets), [t_command, t_log], api_visibility="private", concurrency_limit=1
     )
     t_stop.click(app.stop_training, None, t_log, api_visibility="private")
     return started

@@ -9,57 +9,59 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from sai_diffusion.errors import UserError
 
-# optional flags of the Train tab, in field order; an empty field leaves the concept's setting
-TRAIN_FLAGS = (
-    ("--lr", float),
-    ("--max-steps", int),
-    ("--resolution", int),
-    ("--rank", int),
-    ("--seed", int),
-)
+# The Train tab's settings, in the order of its fields. After concept, base model and
+# optimizer come the optional flags (an empty one leaves the concept's setting), then the folder.
+TRAIN_FLAGS = {
+    "lr": ("--lr", float),
+    "max_steps": ("--max-steps", int),
+    "resolution": ("--resolution", int),
+    "rank": ("--rank", int),
+    "seed": ("--seed", int),
+}
+TRAIN_FIELDS = ("concept", "base_model", "optimizer", *TRAIN_FLAGS, "run_folder")
 
 
-def train_args(
-    runs_dir: Path,
-    concept: str,
-    base_model: str,
-    optimizer: str,
-    *values: str,
-) -> list[str]:
-    """The ``sai-train-lora`` command line for the Train tab's fields: concept, base model
-    (empty: the concept's, else the built-in miniature model), optimizer, then the
-    ``TRAIN_FLAGS`` values (text; empty: the concept's default) and the run folder, which must
-    lie inside the runs folder so that the run shows up here.
+def train_args(runs_dir: Path, settings: Mapping[str, str | None]) -> list[str]:
+    """The ``sai-train-lora`` command line for the Train tab's ``settings`` (``TRAIN_FIELDS``
+    names to text): concept, base model (empty: the concept's, else the built-in miniature
+    model), optimizer, the ``TRAIN_FLAGS`` values (empty: the concept's default) and the run
+    folder, which must lie inside the runs folder so that the run shows up here. A missing
+    entry counts as empty.
 
     Ranges are the CLI's to check: it says what is wrong in the progress box.
 
     Raises:
         UserError: a missing concept, a field that is not a number, or a run folder outside
             the runs folder.
+        ValueError: a setting that is not one of ``TRAIN_FIELDS`` (a programming error).
     """
-    *numbers, run_name = values
-    if not (concept or "").strip():
+    unknown = set(settings) - set(TRAIN_FIELDS)
+    if unknown:
+        raise ValueError(f"train_args: unknown settings {sorted(unknown)}; known: {TRAIN_FIELDS}")
+    text = {name: str(settings.get(name) or "").strip() for name in TRAIN_FIELDS}
+    if not text["concept"]:
         raise UserError("Train: choose a concept (a shipped name or a YAML file).")
-    args = [_train_program(), "--concept", concept.strip()]
-    if (base_model or "").strip():  # empty: the concept's own, else the built-in miniature
-        args += ["--base-model", base_model.strip()]
+    args = [_train_program(), "--concept", text["concept"]]
+    if text["base_model"]:  # empty: the concept's own, else the built-in miniature
+        args += ["--base-model", text["base_model"]]
+    optimizer = text["optimizer"] or "sgd-sai"
     args += ["--optimizer", optimizer]
-    for (flag, kind), value in zip(TRAIN_FLAGS, numbers, strict=True):
-        text = str(value if value is not None else "").strip()
-        if not text:
+    for name, (flag, kind) in TRAIN_FLAGS.items():
+        if not text[name]:
             continue
         try:
-            number = kind(text)
+            number = kind(text[name])
         except ValueError:
             what = "a number" if kind is float else "a whole number"
-            raise UserError(f"Train: {flag} must be {what}, got {text!r}.") from None
+            raise UserError(f"Train: {flag} must be {what}, got {text[name]!r}.") from None
         args += [flag, f"{number:g}" if kind is float else str(number)]
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = (run_name or "").strip() or f"{Path(concept.strip()).stem}/{optimizer}-{stamp}"
+    name = text["run_folder"] or f"{Path(text['concept']).stem}/{optimizer}-{stamp}"
     out = (runs_dir / name).resolve()
     if not out.is_relative_to(runs_dir) or out == runs_dir:
         raise UserError(f"Train: the run folder {name!r} must be inside {runs_dir}.")

@@ -1,18 +1,17 @@
 """The Training tab's views of the chosen runs: loss curves, SGD-SaI's per-block scales, a
 table of costs and scores, and the validation samples. Drawing only; the numbers come from
-``sai_diffusion.runs_view``."""
+``sai_diffusion.compare.views`` and the run folders (``sai_diffusion.files.run_dir``)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import gradio as gr
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
-from sai_diffusion import runs_view
-from sai_diffusion.compare import RunInfo
+from sai_diffusion.compare import views
+from sai_diffusion.files.run_dir import RunInfo, read_samples
 
 
 def loss_figure(
@@ -24,7 +23,7 @@ def loss_figure(
     fig = Figure(figsize=(9, 3.8), layout="constrained")
     ax = fig.add_subplot()
     for i, key in enumerate(keys):
-        curve = runs_view.loss_curve(index[key].path, smoothing=smoothing)
+        curve = views.loss_curve(index[key].path, smoothing=smoothing)
         color = f"C{i % 10}"
         ax.plot(curve.steps, curve.loss, color=color, alpha=0.25, linewidth=0.8)
         marker = "o" if len(curve.steps) <= 40 else None  # a short run is a few points
@@ -56,7 +55,7 @@ def gsnr_figure(
     tensor of the block. None when no chosen run has a gsnr.json."""
     panels = []
     for key in keys:
-        groups, missing = runs_view.gsnr_by_block(runs_view.read_gsnr(index[key].path))
+        groups, missing = views.gsnr_by_block(index[key].files.read_gsnr())
         if groups:
             panels.append((key, groups, missing))
     if not panels:
@@ -136,9 +135,9 @@ def cost_table(index: dict[str, RunInfo], keys: list[str], labels: dict[str, str
     rows = []
     for key in keys:
         info = index[key]
-        cost = runs_view.run_cost(info.path, optimizer=info.optimizer)
-        curve = runs_view.loss_curve(info.path, smoothing=0.9)
-        state = runs_view.format_bytes(cost.state_bytes)
+        cost = views.run_cost(info.path, optimizer=info.optimizer)
+        curve = views.loss_curve(info.path, smoothing=0.9)
+        state = views.format_bytes(cost.state_bytes)
         if cost.state_source == "estimate":
             state += " (est.)"
         rows.append(
@@ -172,16 +171,12 @@ def _num(value: float | None, spec: str) -> str:
 
 def sample_gallery(index: dict[str, RunInfo], keys: list[str], labels: dict[str, str]):
     """The validation images each run wrote when it finished (samples/final)."""
-    items = []
-    for key in keys:
-        folder = index[key].path / "samples" / "final"
-        prompts_file = folder / "prompts.txt"
-        prompts = (
-            prompts_file.read_text(encoding="utf-8").splitlines() if prompts_file.is_file() else []
-        )
-        for path in sorted(folder.glob("p*-s*.png")):
-            m = re.fullmatch(r"p(\d+)-s(\d+)", path.stem)
-            p = int(m.group(1)) if m else -1
-            prompt = prompts[p] if 0 <= p < len(prompts) else path.stem
-            items.append((str(path), f"{labels[key]} · {prompt} · seed {m.group(2) if m else '?'}"))
-    return items
+    return [
+        (str(sample.path), f"{labels[key]} · {sample.prompt} · seed {_or_unknown(sample.seed)}")
+        for key in keys
+        for sample in read_samples(index[key].files.samples())
+    ]
+
+
+def _or_unknown(value: Any) -> str:
+    return "?" if value is None else str(value)

@@ -2,25 +2,30 @@
 and ``sai-app``.
 
 They parse flags into the library's config and call it; bad input ends with exit code 2 and
-one message, a diverged run with exit code 3.
+one message, a diverged run with exit code 3. The library parts that load torch, diffusers or
+gradio are imported inside each command, after its flags are parsed: ``--help`` and a typo
+answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import EXIT_USER_ERROR, UserError
-
-EXIT_DIVERGED = 3
+from . import config
+from ._resources import app_dir
+from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, TrainingDiverged, UserError
+from .files.run_dir import EVAL_FILE, RUN_FILE, RunDir, latest_run
+from .optim import OPTIMIZERS
 
 
 def _run(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
     """Turn the library's user-facing errors into one line on stderr and an exit code."""
-    from .train import TrainingDiverged
-
     try:
         return main(argv)
     except UserError as exc:
@@ -36,13 +41,11 @@ def _run(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int
 
 # --------------------------------------------------------------------------- sai-train-lora
 def train_parser() -> argparse.ArgumentParser:
-    from .optim import OPTIMIZERS
-
     p = argparse.ArgumentParser(
         prog="sai-train-lora",
         description="Fine-tune LoRA adapters of an SD-1.5-class checkpoint on a concept "
         "with SGD-SaI, scaled-AdamW, AdamW or SGD.",
-        epilog="Any setting of run.yaml can be given as --set key=value, e.g. "
+        epilog=f"Any setting of {RUN_FILE} can be given as --set key=value, e.g. "
         "--set mixed_precision=bf16 --set lora_targets=to_q,to_v",
     )
     p.add_argument(
@@ -71,9 +74,6 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    from . import config
-    from .train import default_run_dir, run_training
-
     args = train_parser().parse_args(argv)
     flags = {
         "base_model": args.base_model,
@@ -89,17 +89,19 @@ def train_main(argv: list[str] | None = None) -> int:
     }
     if args.resume:
         run_dir = _resume_dir(args.resume, args.output_dir)
-        cfg, concept, _ = config.load_run_yaml(run_dir)
+        cfg, concept, _ = RunDir(run_dir).read_config()
         # only the length of a resumed run may change; anything else would break it
         changed = {k: v for k, v in flags.items() if v is not None and k != "max_steps"}
         if changed or args.set_items:
             raise UserError(
-                f"--resume continues {run_dir} with its own run.yaml; only "
+                f"--resume continues {run_dir} with its own {RUN_FILE}; only "
                 f"--max-steps may be given (got {', '.join(changed) or '--set'})"
             )
         if args.max_steps is not None:
             cfg.max_steps = args.max_steps
-        config.validate(cfg, str(run_dir / "run.yaml"))
+        config.validate(cfg, str(RunDir(run_dir).run_yaml))
+        from .training.recipe import run_training  # torch: only once the settings are good
+
         run_training(cfg, concept, run_dir, resume=True)
     else:
         if not args.concept:
@@ -108,25 +110,35 @@ def train_main(argv: list[str] | None = None) -> int:
                 f"({', '.join(config.available_concepts())}) or a YAML file"
             )
         cfg, concept = config.resolve(args.concept, flags, args.set_items)
+        _check_judged_object(concept)
+        from .training.recipe import default_run_dir, run_training
+
         run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(cfg, concept)
-        cfg.output_dir = str(run_dir)
         run_training(cfg, concept, run_dir)
     print(f"done: {run_dir}")
     return 0
 
 
+def _check_judged_object(concept: config.Concept) -> None:
+    """A miniature-world concept names the object its judge looks for: check it before
+    training, not when sai-eval runs."""
+    if concept.evaluation and "object" in concept.evaluation:
+        from .miniature.evaluate import judged_object
+
+        judged_object(concept)
+
+
 def _resume_dir(value: str, output_dir: str | None) -> Path:
     if value != "latest":
-        path = Path(value)
-        if not (path / "run.yaml").is_file():
-            raise UserError(f"--resume {value}: not a run folder (no run.yaml in it)")
-        return path
+        run = RunDir(value)
+        if not run.is_run:
+            raise UserError(f"--resume {value}: not a run folder (no {run.run_yaml.name} in it)")
+        return run.path
     root = Path(output_dir) if output_dir else Path("runs")
-    runs = sorted(root.rglob("run.yaml"), key=lambda p: p.stat().st_mtime)
-    runs = [p.parent for p in runs if (p.parent / "checkpoints").is_dir()]
-    if not runs:
+    latest = latest_run(root)
+    if latest is None:
         raise UserError(f"--resume latest: no run with checkpoints under {root}/")
-    return runs[-1]
+    return latest.path
 
 
 def train_entry() -> None:
@@ -146,28 +158,26 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--lora-weight", type=float, default=1.0)
     p.add_argument("--resolution", type=int, help="default: the run's")
-    p.add_argument("--out", default=None, help="output folder (default: RUN/samples/sai-sample)")
-    args = p.parse_args(argv)
-
-    from . import config
-    from .lora_io import load_lora_into
-    from .models import load_base_model
-    from .sample import SampleSettings, write_samples
-
-    run_dir = Path(args.run)
-    cfg, concept, _ = config.load_run_yaml(run_dir)
-    if not (run_dir / "lora.safetensors").is_file():
-        raise UserError(
-            f"{run_dir} has no lora.safetensors: the run has not finished; resume it "
-            f"with sai-train-lora --resume {run_dir}"
-        )
-    pipe = load_base_model(
-        cfg.base_model,
-        base_config=Path(cfg.base_config) if cfg.base_config else None,
-        allow_pickle=cfg.allow_pickle,
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"output folder (default: {RunDir('RUN').samples('sai-sample')})",
     )
-    load_lora_into(pipe, run_dir, weight=args.lora_weight)
-    pipe.set_progress_bar_config(disable=True)
+    args = p.parse_args(argv)
+    from .files.lora_files import load_lora_into
+    from .models.base import load_base
+    from .models.sampling import SampleSettings, write_samples
+
+    run = RunDir(args.run)
+    cfg, concept, _ = run.read_config()
+    if not run.is_finished:
+        raise UserError(
+            f"{run.path} has no {run.lora.name}: the run has not finished; resume it "
+            f"with sai-train-lora --resume {run.path}"
+        )
+    pipe = load_base(cfg)
+    load_lora_into(pipe, run.path, weight=args.lora_weight)
+    pipe.set_progress_bar_config(disable=True)  # samples with the base model's own scheduler
     size = args.resolution or cfg.resolution
     settings = SampleSettings(
         steps=args.steps,
@@ -177,7 +187,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         width=size,
     )
     prompts = [pr.format(token=concept.token) for pr in args.prompt]
-    out = Path(args.out) if args.out else run_dir / "samples" / "sai-sample"
+    out = Path(args.out) if args.out else run.samples("sai-sample")
     for path in write_samples(pipe, prompts, args.seed or [1], settings, out):
         print(path)
     return 0
@@ -194,7 +204,7 @@ def compare_parser() -> argparse.ArgumentParser:
         description="Render several runs side by side: one base model, the same prompts, "
         "seeds, sampler (DPM-Solver++), steps and guidance. Writes a labelled grid PNG (one "
         "row per run, one column per seed, one block per prompt, stacked under the prompt) "
-        "and an HTML report beside it with each run's settings and eval.json scores.",
+        f"and an HTML report beside it with each run's settings and {EVAL_FILE} scores.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders of sai-train-lora")
     p.add_argument(
@@ -217,23 +227,21 @@ def compare_parser() -> argparse.ArgumentParser:
 
 
 def compare_main(argv: list[str] | None = None) -> int:
+    args = compare_parser().parse_args(argv)
     from tqdm.auto import tqdm
 
-    from .compare import SCHEDULER, Comparer, load_run_info, make_grid, row_labels, write_report
+    from .compare import SCHEDULER, Comparer, load_run_info, write_report
 
-    args = compare_parser().parse_args(argv)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out}: give a .png file name; the report is written beside it")
     runs = [load_run_info(Path(d)) for d in args.runs]
     comparer = Comparer(runs, device=args.device)
-    labels = row_labels(comparer.runs, with_base=args.with_base)
-    columns = [f"seed {s}" for s in args.seeds]
     per_prompt = len(args.seeds) * (len(runs) + int(args.with_base))
     grids = {}
     with tqdm(total=per_prompt * len(args.prompt), unit="image", dynamic_ncols=True) as bar:
         for prompt in args.prompt:
-            images = comparer.generate(
+            shown = comparer.compare(
                 prompt,
                 args.seeds,
                 steps=args.steps,
@@ -244,7 +252,7 @@ def compare_main(argv: list[str] | None = None) -> int:
                 progress=lambda done, total: bar.update(1),
                 with_base=args.with_base,
             )
-            grids[prompt] = make_grid(images, row_labels=labels, col_labels=columns, title=prompt)
+            grids[prompt] = shown.grid
     settings = {
         "seeds": args.seeds,
         "sampler": SCHEDULER,
@@ -269,20 +277,18 @@ def compare_entry() -> None:
 
 # -------------------------------------------------------------------------------- sai-eval
 def eval_main(argv: list[str] | None = None) -> int:
-    import json
-
     p = argparse.ArgumentParser(
         prog="sai-eval",
         description="Score runs of a miniature-world concept with the judge: prints one JSON "
         "line per run (concept_fidelity, prompt_fidelity and the base model's) and writes "
-        "RUN_DIR/eval.json.",
+        f"RUN_DIR/{EVAL_FILE}.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders of sai-train-lora")
     p.add_argument("--seeds", type=int, nargs="+", help="default: the concept's evaluation seeds")
     p.add_argument("--no-base", action="store_true", help="skip the base model's scores")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     args = p.parse_args(argv)
-    from .evaluate import evaluate_run, headline
+    from .miniature.evaluate import evaluate_run, headline
 
     base_cache: dict = {}  # runs on one base model share its images
     for run_dir in args.run_dirs:
@@ -323,11 +329,6 @@ def load_app():
     ``app/`` is imported as the package ``sai_diffusion_app`` (``app`` is too common a name
     to claim), from wherever ``_resources.app_dir()`` finds it.
     """
-    import importlib
-    import importlib.util
-
-    from ._resources import app_dir
-
     name = "sai_diffusion_app"
     if name not in sys.modules:
         folder = app_dir()

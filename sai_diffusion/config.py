@@ -2,6 +2,10 @@
 
 Precedence, lowest first: TrainConfig defaults, the concept's ``train:`` section, command-line
 flags, ``--set key=value``. Unknown keys and wrong types are rejected with the closest valid key.
+
+Plain Python and YAML (no torch): the command line's ``--help`` and every check of a setting run
+before any model library loads. How a run folder stores these (``run.yaml``) is
+``files.run_dir``'s business.
 """
 
 from __future__ import annotations
@@ -19,10 +23,20 @@ import yaml
 
 from ._resources import configs_dir
 from .errors import UserError
+from .optim.names import OPTIMIZERS
 
 # Learning rates per optimizer when neither the concept nor the user gives one. SGD-SaI's scales
 # are <= 1 relative to its lr, hence a larger lr (the paper trains the potter LoRA at 0.1).
+# One entry per name in optim.OPTIMIZERS.
 DEFAULT_LR = {"sgd-sai": 0.1, "scaled-adamw": 1e-4, "scaled-sgd": 1e-2, "adamw": 1e-4, "sgd": 1e-2}
+
+# LoRA targets: SD's attention projections (UNet, every attn1/attn2) and CLIP's (text encoder).
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+# The base model when none is given: the built-in miniature model, the tiny SD-1.5-architecture
+# model pretrained on the procedural world (models.base.resolve_source finds its folder).
+BUILTIN_BASE_MODEL = "miniature"
 
 
 @dataclass
@@ -38,7 +52,8 @@ class Concept:
     validation_prompts: list[str] = field(default_factory=lambda: ["a photo of {token}"])
     lr: dict[str, float] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
-    # sai-eval's prompts and the world object the token stands for (miniature-world concepts)
+    # sai-eval's prompts, seeds and sampler settings; ``object`` names the world object the
+    # token stands for in a miniature-world concept (the miniature package checks it)
     evaluation: dict[str, Any] | None = None
 
     def prompts(self) -> list[str]:
@@ -49,11 +64,9 @@ class Concept:
 class TrainConfig:
     """Every setting of a training run; run.yaml stores the resolved instance."""
 
-    concept: str = "potter"
-    base_model: str | None = "miniature"  # the built-in model (models.BUILTIN_MINIATURE)
+    base_model: str | None = BUILTIN_BASE_MODEL
     base_config: str | None = None
     allow_pickle: bool = False
-    output_dir: str | None = None
     # optimizer
     optimizer: str = "sgd-sai"
     lr: float | None = None
@@ -74,12 +87,11 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 1
     seed: int = 0
-    num_workers: int = 0
     # model
     resolution: int = 512
     rank: int = 4
     alpha: float = 1.0
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     text_encoder_lora: bool = False
     text_encoder_rank: int | None = None
     text_encoder_alpha: float | None = None
@@ -115,7 +127,7 @@ class TrainConfig:
 
 
 CHOICES = {
-    "optimizer": tuple(DEFAULT_LR),
+    "optimizer": OPTIMIZERS,
     "lr_scheduler": ("constant", "linear", "cosine"),
     "mixed_precision": ("no", "fp16", "bf16"),
 }
@@ -137,8 +149,11 @@ _ALIASES = {
 
 
 def closest(key: str, valid) -> str:
+    """`` (did you mean 'x'?)`` for the valid name nearest ``key``, or "". Another trainer's
+    name for a setting (``_ALIASES``) wins over spelling likeness."""
     valid = list(valid)
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    match = [_ALIASES[key]] if _ALIASES.get(key) in valid else []
+    match = match or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if not match:
         alias = _ALIASES.get(key) or next(
             iter(difflib.get_close_matches(key, list(_ALIASES), n=1, cutoff=0.8)), None
@@ -309,8 +324,8 @@ def load_concept(name_or_path: str) -> Concept:
         raise UserError(f"{path}: validation_prompts must be a list of strings")
     lr = raw.get("lr", {}) or {}
     for opt, value in lr.items():
-        if opt not in DEFAULT_LR:
-            raise UserError(f"{path}: lr.{opt}: unknown optimizer{closest(opt, DEFAULT_LR)}")
+        if opt not in OPTIMIZERS:
+            raise UserError(f"{path}: lr.{opt}: unknown optimizer{closest(opt, OPTIMIZERS)}")
         if not isinstance(value, int | float) or value <= 0:
             raise UserError(f"{path}: lr.{opt} must be a number > 0, got {value!r}")
     train = raw.get("train", {}) or {}
@@ -336,25 +351,21 @@ EVALUATION_DEFAULTS = {"seeds": list(range(8)), "steps": 20, "guidance": 6.0}
 
 
 def _check_evaluation(raw: Any, path: Path) -> dict[str, Any] | None:
-    """The ``evaluation`` section, completed with defaults: ``object`` (the world object the
-    token stands for, judged by the miniature world's judge), ``prompts`` (each with
-    ``{token}``), ``seeds``, ``steps`` and ``guidance`` of the DPM-Solver++ sampler."""
-    from .world import OBJECTS
-
+    """The ``evaluation`` section, completed with defaults: ``prompts`` (each with ``{token}``),
+    ``seeds``, ``steps`` and ``guidance`` of the DPM-Solver++ sampler, and ``object``, the
+    world object a miniature-world concept's token stands for (a name here; the miniature
+    package, which knows the world, checks it)."""
     if raw is None:
         return None
     where = f"{path}: evaluation"
     if not isinstance(raw, dict):
-        raise UserError(f"{where} must be a mapping with object and prompts")
+        raise UserError(f"{where} must be a mapping with prompts (and object, for the judge)")
     allowed = {"object", "prompts", *EVALUATION_DEFAULTS}
     for key in raw:
         if key not in allowed:
             raise UserError(f"{where}: unknown key '{key}'{closest(key, allowed)}")
-    if raw.get("object") not in OBJECTS:
-        raise UserError(
-            f"{where}.object must name the world object the token stands for, one of "
-            f"{', '.join(OBJECTS)}; got {raw.get('object')!r}"
-        )
+    if "object" in raw and not (isinstance(raw["object"], str) and raw["object"]):
+        raise UserError(f"{where}.object must be the name of a world object, got {raw['object']!r}")
     prompts = raw.get("prompts")
     if (
         not isinstance(prompts, list)
@@ -379,43 +390,8 @@ def resolve(
 ) -> tuple[TrainConfig, Concept]:
     """Build the run's config from a concept, command-line flags and ``--set`` overrides."""
     concept = load_concept(concept_arg)
-    cfg = TrainConfig(concept=concept_arg)
+    cfg = TrainConfig()
     apply_overrides(cfg, concept.train, f"{concept.path}: train")
     apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, "command line")
     apply_overrides(cfg, parse_set(set_items), "--set")
     return validate(cfg), concept
-
-
-def save_run_yaml(cfg: TrainConfig, concept: Concept, path: Path, extra: dict[str, Any]) -> None:
-    from .fsutil import atomic_write_text
-
-    data = {"config": dataclasses.asdict(cfg), "concept": _concept_dict(concept), **extra}
-    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
-
-
-def _concept_dict(concept: Concept) -> dict[str, Any]:
-    d = dataclasses.asdict(concept)
-    d["path"], d["data"] = str(concept.path), str(concept.data)
-    return d
-
-
-def load_run_yaml(run_dir: Path) -> tuple[TrainConfig, Concept, dict[str, Any]]:
-    path = run_dir / "run.yaml"
-    if not path.is_file():
-        raise UserError(
-            f"{run_dir} is not a run directory (no run.yaml); pass the folder that "
-            "sai-train-lora wrote"
-        )
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        saved = dict(data["config"])
-        saved.setdefault("sai_eps", 1e-8)  # runs written before the setting existed used 1e-8
-        cfg = apply_overrides(TrainConfig(), saved, str(path))
-        c = dict(data["concept"])
-        concept = Concept(**{**c, "path": Path(c["path"]), "data": Path(c["data"])})
-    except (yaml.YAMLError, KeyError, TypeError) as exc:
-        raise UserError(
-            f"{path}: unreadable run file ({exc}); it was not written by this "
-            "version of sai-train-lora"
-        ) from None
-    return cfg, concept, data

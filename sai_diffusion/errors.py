@@ -1,8 +1,13 @@
-"""The one error type for bad user input, and the exit code it maps to."""
+"""The errors a user may see, and the exit codes the command-line tools map them to.
+
+Plain Python on purpose: ``sai-train-lora --help`` imports this module and must not pay for
+torch or accelerate.
+"""
 
 from __future__ import annotations
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = 2  # bad input: a config, a dataset, a model path, a hyperparameter
+EXIT_DIVERGED = 3  # the loss became NaN or inf
 
 
 class UserError(Exception):
@@ -11,3 +16,15 @@ class UserError(Exception):
     The message is shown as it is, without a traceback, and must name the file or key
     and say how to fix it. Command-line entry points exit with ``EXIT_USER_ERROR``.
     """
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the message names the step and the last good checkpoint.
+    Command-line entry points exit with ``EXIT_DIVERGED``."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), without
+    a final full stop: for wrapping a library's error into one line of ours."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0].rstrip(".")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -30,6 +31,13 @@ def atomic_path(path: Path):
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(
+    path: Path, data: object, *, indent: int | None = 2, sort_keys: bool = False
+) -> None:
+    """``data`` as JSON with a final newline, written atomically."""
+    atomic_write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")
 
 
 def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> None:

@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import io
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -35,11 +35,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Benchmark the checkout this script sits in, not whatever sai_diffusion is installed.
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from sai_diffusion.optim import SGDSaI, build_optimizer  # noqa: E402
+from sai_diffusion._resources import configs_dir, sd15_config_dir
+from sai_diffusion.config import DEFAULT_LORA_TARGETS
+from sai_diffusion.machine import describe_machine
+from sai_diffusion.optim import SGDSaI, build_optimizer, state_bytes
 
 NamedParams = list[tuple[str, nn.Parameter]]
 
@@ -47,9 +46,7 @@ SETS = ("lora4", "lora64", "unet", "gpt2xl")
 SIZES = ("full", "small", "tiny")
 
 # ------------------------------------------------------------------------ parameter sets
-SD15_UNET_CONFIG = REPO / "configs" / "sd15" / "unet" / "config.json"
-# The SD 1.5 values that set parameter shapes (diffusers defaults do the rest); used when the
-# weight-free config folder is absent.
+# The SD 1.5 values that set parameter shapes; the shipped weight-free config must agree.
 SD15_UNET = dict(
     block_out_channels=(320, 640, 1280, 1280),
     cross_attention_dim=768,
@@ -65,7 +62,6 @@ UNET_SIZES = {
     "small": dict(block_out_channels=(64, 128, 256, 256)),
     "tiny": dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, cross_attention_dim=32),
 }
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 GPT2XL = dict(n_layer=48, n_embd=1600, vocab=50257, n_positions=1024)
 # small keeps GPT-2 XL's real tensor shapes with 2 of its 48 layers: 143 M parameters.
@@ -90,17 +86,15 @@ class ParamSet:
 
 
 def sd15_unet_config(size: str) -> tuple[dict, str]:
-    """SD 1.5 UNet config scaled to ``size``, and where its values came from."""
+    """SD 1.5 UNet config (the shipped weight-free one) scaled to ``size``, and its source."""
     from diffusers import UNet2DConditionModel
 
-    if SD15_UNET_CONFIG.is_file():
-        config = dict(UNet2DConditionModel.load_config(SD15_UNET_CONFIG.parent))
-        source = str(SD15_UNET_CONFIG.relative_to(REPO))
-        changed = [k for k, v in SD15_UNET.items() if _as_tuple(config.get(k)) != v]
-        if changed:
-            print(f"warning: {source} differs from SD 1.5 in {changed}", file=sys.stderr)
-    else:
-        config, source = dict(SD15_UNET), "inline SD 1.5 values"
+    folder = sd15_config_dir() / "unet"
+    config = dict(UNet2DConditionModel.load_config(folder))
+    source = str(folder.relative_to(configs_dir().parent) / "config.json")
+    changed = [k for k, v in SD15_UNET.items() if _as_tuple(config.get(k)) != v]
+    if changed:
+        print(f"warning: {source} differs from SD 1.5 in {changed}", file=sys.stderr)
     return {**config, **UNET_SIZES[size]}, source
 
 
@@ -112,15 +106,15 @@ def unet_shapes(size: str, lora_rank: int | None) -> tuple[list, str]:
     """Trainable parameter shapes of the (LoRA-adapted) SD 1.5 UNet, without allocating it."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
+
+    from sai_diffusion.models.lora import add_lora
 
     config, source = sd15_unet_config(size)
     # meta tensors: the shapes without the 3.4 GB of weights (building takes ~0.5 s)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(config)
         if lora_rank is not None:
-            lora = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS)
-            unet.add_adapter(lora)  # freezes the base weights
+            add_lora(unet, rank=lora_rank, alpha=lora_rank)  # the default targets; freezes the rest
     shapes = [(n, tuple(p.shape)) for n, p in unet.named_parameters() if p.requires_grad]
     return shapes, source
 
@@ -154,7 +148,7 @@ def build_param_set(name: str, size: str) -> ParamSet:
     if name in ("lora4", "lora64"):
         rank = int(name.removeprefix("lora"))
         shapes, source = unet_shapes(size, lora_rank=rank)
-        desc = f"SD 1.5 UNet LoRA r={rank} on {'/'.join(LORA_TARGETS)} ({size}; {source})"
+        desc = f"SD 1.5 UNet LoRA r={rank} on {'/'.join(DEFAULT_LORA_TARGETS)} ({size}; {source})"
         return ParamSet(name, size, desc, shapes, lora=True)
     if name == "unet":
         shapes, source = unet_shapes(size, lora_rank=None)
@@ -266,11 +260,8 @@ BASELINE = "adamw-foreach"
 
 def unavailable_reason(candidate: Candidate, device: torch.device) -> str | None:
     """Why ``candidate`` cannot run here (None if it can): missing package, unsupported kernel."""
-    if candidate.module is not None:
-        import importlib.util
-
-        if importlib.util.find_spec(candidate.module) is None:
-            return f"package {candidate.module!r} is not installed (pip install -e '.[dev]')"
+    if candidate.module is not None and importlib.util.find_spec(candidate.module) is None:
+        return f"package {candidate.module!r} is not installed (pip install -e '.[dev]')"
     if candidate.key == "adamw-fused":
         p = nn.Parameter(torch.zeros(2, device=device))
         p.grad = torch.ones_like(p)
@@ -282,17 +273,6 @@ def unavailable_reason(candidate: Candidate, device: torch.device) -> str | None
 
 
 # ----------------------------------------------------------------------------- measuring
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state`` (buffers and per-tensor scalars)."""
-    seen, total = set(), 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value) and (value.data_ptr(), value.numel()) not in seen:
-                seen.add((value.data_ptr(), value.numel()))
-                total += value.numel() * value.element_size()
-    return total
-
-
 def timed_step(optimizer: torch.optim.Optimizer, device: torch.device) -> float:
     """Seconds of one ``optimizer.step()``, host work and device work together."""
     if device.type == "cuda":
@@ -525,21 +505,6 @@ def select_candidates(keys: str | None, param_set: ParamSet, device: torch.devic
     return chosen
 
 
-def machine(device: torch.device) -> dict:
-    info = dict(
-        torch=torch.__version__,
-        python=platform.python_version(),
-        device=device.type,
-        threads=torch.get_num_threads(),
-    )
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        info["cpu"] = f"{len(models)} x {models[0]}" if models else platform.processor()
-    return info
-
-
 def bench_set(param_set: ParamSet, device: torch.device, args: argparse.Namespace) -> dict:
     """Measure every selected optimizer on one parameter set; print and return the results."""
     candidates = select_candidates(args.optimizers, param_set, device)
@@ -632,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     report = dict(
         command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        machine=machine(device),
+        machine=describe_machine(device),
         settings=dict(
             repeats=args.repeats,
             warmup=args.warmup,

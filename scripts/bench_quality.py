@@ -20,23 +20,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
+import shutil
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-OPTIMIZERS = ("sgd-sai", "scaled-adamw", "adamw", "sgd")
+# Torch-free imports only up here: the workers are forked, and each sets its one thread before
+# it loads torch (train_and_score imports the training parts itself).
+from sai_diffusion.errors import TrainingDiverged
+from sai_diffusion.files.run_dir import RunDir
+from sai_diffusion.optim import OPTIMIZERS
+
+DEFAULT_OPTIMIZERS = tuple(o for o in OPTIMIZERS if o != "scaled-sgd")  # the paper's four
 METRICS = ("concept_fidelity", "prompt_fidelity")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concept", default="demo")
-    p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS))
     p.add_argument("--lrs", default="1e-4,1e-3,1e-2,1e-1,1", help="comma-separated grid")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=None, help="default: the concept's max_steps")
@@ -102,17 +107,14 @@ def train_and_score(
 ) -> dict:
     """Train one run in this process and let the judge score it (no base model)."""
     from sai_diffusion import config
-    from sai_diffusion.evaluate import evaluate_run
-    from sai_diffusion.train import TrainingDiverged, run_training
+    from sai_diffusion.miniature.evaluate import evaluate_run
+    from sai_diffusion.training.recipe import run_training
 
     flags = {"optimizer": optimizer, "lr": lr, "seed": seed, "max_steps": steps}
     cfg, concept = config.resolve(concept_name, flags, ["checkpoint_every=0"])
     run_dir = out / f"{optimizer}-lr{lr:g}-seed{seed}"
     if run_dir.exists():  # a run killed before it reached results.jsonl starts over
-        import shutil
-
         shutil.rmtree(run_dir)
-    cfg.output_dir = str(run_dir)
     result = {"optimizer": optimizer, "lr": lr, "seed": seed, "steps": cfg.max_steps,
               "run": str(run_dir)}  # fmt: skip
     t0 = time.perf_counter()
@@ -129,8 +131,7 @@ def train_and_score(
 
 def _final_loss(run_dir: Path) -> float | None:
     """Mean loss over the last 50 logged steps."""
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    losses = [json.loads(line)["loss"] for line in lines[-50:] if '"loss"' in line]
+    losses = [r["loss"] for r in RunDir(run_dir).read_metrics()[-50:] if "loss" in r]
     return round(statistics.fmean(losses), 5) if losses else None
 
 
@@ -144,7 +145,7 @@ def _base_scores(args, results: list[dict], eval_seeds: list[int] | None) -> dic
     finished = [r for r in results if not r.get("diverged")]
     if not finished:
         return None
-    from sai_diffusion.evaluate import evaluate_run
+    from sai_diffusion.miniature.evaluate import evaluate_run
 
     report = evaluate_run(Path(finished[0]["run"]), seeds=eval_seeds, write=False)
     base = {m: report[f"base_{m}"] for m in METRICS}
@@ -187,6 +188,9 @@ def _std(values: list[float]) -> float:
 
 
 def render_markdown(table: dict, results: list[dict], base: dict | None, args, wall: float) -> str:
+    from sai_diffusion.machine import describe_machine  # torch: only once the workers are done
+
+    machine = describe_machine()
     lines = [
         "| optimizer | Peak concept | Avg concept | Peak prompt | Avg prompt "
         "| best lr (concept) | diverged |",
@@ -218,7 +222,7 @@ def render_markdown(table: dict, results: list[dict], base: dict | None, args, w
         "",
         f"Command: `{command}`; {len(results)} runs; this call's wall time {wall:.0f} s with "
         f"{args.workers} workers of 1 thread; median training {statistics.median(train_s):.0f} s "
-        f"per run. Machine: {platform.platform()}, {os.cpu_count()} CPUs.",
+        f"per run. Machine: {machine['platform']}, {machine['cpu_count']} x {machine['cpu']}.",
     ]
     return "\n".join(lines) + "\n"
 

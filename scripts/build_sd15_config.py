@@ -5,26 +5,23 @@
 `StableDiffusionPipeline.from_single_file(ckpt, config="configs/sd15", local_files_only=True)`
 reads the component configs and the tokenizer from this folder and the weights from the
 checkpoint, so ChilloutMix-style files load with no hub access. The values are those of the
-published stable-diffusion-v1-5 configs; the tokenizer is rebuilt from CLIP's BPE merges
-(see sai_diffusion/clip_vocab.py). The safety checker and its feature extractor are left out:
-from_single_file never loads a safety checker, and the pipeline runs without both.
+published stable-diffusion-v1-5 configs; the tokenizer is rebuilt from CLIP's BPE merges (see
+sai_diffusion/miniature/clip_vocab.py). The safety checker and its feature extractor are left
+out: from_single_file never loads a safety checker, and the pipeline runs without both.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import diffusers
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the package
-
-from sai_diffusion import clip_vocab  # noqa: E402
+from sai_diffusion._resources import configs_dir
+from sai_diffusion.fsutil import write_json
+from sai_diffusion.miniature import clip_vocab
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
@@ -125,11 +122,6 @@ SCHEDULER = {  # PNDM with the scaled-linear betas SD 1.x was trained with
 }
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def write_sd15_config(out_dir: Path) -> Path:
     """Write the folder to a temporary sibling, then swap it in: never a half-written folder."""
     out_dir = Path(out_dir)
@@ -137,11 +129,13 @@ def write_sd15_config(out_dir: Path) -> Path:
     stamp = {"_diffusers_version": diffusers.__version__}
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".sd15-") as tmp:
         staging = Path(tmp) / "sd15"
-        _write_json(staging / "model_index.json", {**MODEL_INDEX, **stamp})
-        _write_json(staging / "unet" / "config.json", {**UNET, **stamp})
-        _write_json(staging / "vae" / "config.json", {**VAE, **stamp})
-        _write_json(staging / "text_encoder" / "config.json", TEXT_ENCODER)
-        _write_json(staging / "scheduler" / "scheduler_config.json", {**SCHEDULER, **stamp})
+        write_json(staging / "model_index.json", {**MODEL_INDEX, **stamp}, sort_keys=True)
+        write_json(staging / "unet" / "config.json", {**UNET, **stamp}, sort_keys=True)
+        write_json(staging / "vae" / "config.json", {**VAE, **stamp}, sort_keys=True)
+        write_json(staging / "text_encoder" / "config.json", TEXT_ENCODER, sort_keys=True)
+        write_json(
+            staging / "scheduler" / "scheduler_config.json", {**SCHEDULER, **stamp}, sort_keys=True
+        )
         clip_vocab.write_tokenizer_files(staging / "tokenizer")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -151,7 +145,7 @@ def write_sd15_config(out_dir: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "configs" / "sd15")
+    parser.add_argument("--out", type=Path, default=configs_dir() / "sd15")
     args = parser.parse_args()
     out = write_sd15_config(args.out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

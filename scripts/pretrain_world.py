@@ -3,7 +3,7 @@
     python scripts/pretrain_world.py                          # the shipped run, docs/miniature.md
     python scripts/pretrain_world.py --steps 3 --vae-steps 3 --out /tmp/m --eval none   # smoke
 
-The parts are built by ``tiny.build_tiny_pipeline`` (SD 1.5's classes and layout, the real
+The parts are built by ``miniature.tiny.build_tiny_pipeline`` (SD 1.5's classes and layout, the real
 CLIP BPE tokenizer cut to 8,000 merges) and trained in dependency order:
 
 1. the VAE, on world images alone: reconstruction (MSE) + a small KL, as SD's first stage;
@@ -16,7 +16,7 @@ CLIP BPE tokenizer cut to 8,000 merges) and trained in dependency order:
 Images come from a pool rendered once from the seed (world.render_examples, random pose,
 lighting and captions); re-rendering every step would cost more than the UNet on 2 cores.
 The pool's latent distribution is encoded once after stage 1; each step samples it afresh.
-Then the pipeline is scored with the judge (``miniature.evaluate_base``) and saved
+Then the pipeline is scored with the judge (``miniature.model.evaluate_base``) and saved
 (safetensors) with ``pretrain.json``: command, seed, settings, wall time, machine, scores.
 """
 
@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shlex
 import sys
 import time
@@ -40,11 +38,15 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from tqdm import tqdm
 
-from sai_diffusion import world
-from sai_diffusion.fsutil import atomic_dir, atomic_write_text
-from sai_diffusion.judge import Judge, accuracy, uint8_to_input
-from sai_diffusion.miniature import evaluate_base, evaluation_scenes, miniature_dir, sample_grid
-from sai_diffusion.tiny import build_tiny_pipeline
+from sai_diffusion.fsutil import atomic_dir, write_json
+from sai_diffusion.machine import describe_machine
+from sai_diffusion.miniature import miniature_dir, world
+from sai_diffusion.miniature.judge import Judge, accuracy, uint8_to_input
+from sai_diffusion.miniature.model import evaluate_base, evaluation_scenes, sample_grid
+from sai_diffusion.miniature.tiny import build_tiny_pipeline
+from sai_diffusion.models.base import load_base_model
+from sai_diffusion.models.tokens import tokenize
+from sai_diffusion.training.loss import min_snr_weight, per_sample_mse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -171,22 +173,20 @@ def main(argv: list[str] | None = None) -> int:
         "unet_it_per_s": round(its, 3),
         "wall_s": round(train_wall, 1),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "machine": _machine(args),
+        "machine": describe_machine(args.device),
         "judge": None if scores is None else _summary(scores),
         "judge_per_prompt": None if scores is None else scores["per_prompt"],
     }
     with atomic_dir(args.out) as tmp:  # weights and record together, or nothing
         pipe.save_pretrained(tmp, safe_serialization=True)
         record["weights_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*.safetensors"))
-        (tmp / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_json(tmp / "pretrain.json", record)
     print(f"wrote {args.out} in {train_wall:.0f} s (+{timings['eval_s']:.0f} s evaluation)")
     return 0
 
 
 def rescore(args) -> int:
     """Judge an already written model folder again and record the scores in its pretrain.json."""
-    from sai_diffusion.models import load_base_model
-
     pipe = load_base_model(args.rescore)
     record_path = args.rescore / "pretrain.json"
     record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -199,9 +199,9 @@ def rescore(args) -> int:
     record["rescored"] = {
         "command": "python " + shlex.join([_script_path(), *sys.argv[1:]]),
         "eval_s": round(time.perf_counter() - t, 1),
-        "machine": _machine(args),
+        "machine": describe_machine(args.device),
     }
-    atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    write_json(record_path, record)
     return 0
 
 
@@ -239,7 +239,7 @@ def render_pool(n: int, seed: int, size: int, tokenizer) -> Pool:
         pixels=pixels,
         caption_index=torch.tensor([position[e.caption] for e in examples]),
         captions=captions,
-        ids=_tokenize(tokenizer, captions),
+        ids=tokenize(tokenizer, captions),
         labels=labels,
     )
 
@@ -267,13 +267,6 @@ def _label(head: str, value: str | None) -> int:
 def _to_pixels(images: list[Image.Image]) -> torch.Tensor:
     """RGB images -> (n, 3, H, W) in [-1, 1], the judge's (and SD's) pixel range."""
     return uint8_to_input(torch.from_numpy(np.stack([np.asarray(im) for im in images])))
-
-
-def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    return tokenizer(
-        texts, padding="max_length", max_length=tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    ).input_ids  # fmt: skip
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator):
@@ -426,11 +419,11 @@ def train_unet(
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     sched = _warmup_cosine(opt, min(args.warmup, args.steps // 4), args.steps)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    alphas = noise_scheduler.alphas_cumprod.to(device)
+    num_t = noise_scheduler.config.num_train_timesteps
     scale = pipe.vae.config.scaling_factor
 
     gen = torch.Generator().manual_seed(args.seed + 22)
-    probe = _probe_batch(moments, pool, scale, len(alphas), args.seed + 44)
+    probe = _probe_batch(moments, pool, scale, num_t, args.seed + 44)
     batches = _batches(len(moments), min(args.batch_size, len(moments)), gen)
     loss, ema, history = None, None, []
     bar = tqdm(range(args.steps), desc="unet", dynamic_ncols=True)
@@ -440,18 +433,16 @@ def train_unet(
         mean, std = moments[idx, 0], moments[idx, 1]
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scale  # (B, 4, h, w)
         noise = torch.randn(latents.shape, generator=gen)
-        timesteps = torch.randint(0, len(alphas), (len(idx),), generator=gen)
+        timesteps = torch.randint(0, num_t, (len(idx),), generator=gen)
         drop = torch.rand(len(idx), generator=gen) < args.cfg_dropout
         caption_idx = torch.where(drop, 0, pool.caption_index[idx])  # 0 is ""
 
         latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-        a = alphas[timesteps].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         pred = unet(noisy, timesteps, encode(caption_idx)).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        per_sample = per_sample_mse(pred, noise)
         if args.min_snr_gamma > 0:  # Min-SNR (Hang et al. 2023): faster convergence
-            snr = a.view(-1) / (1 - a.view(-1))
-            per_sample = per_sample * snr.clamp(max=args.min_snr_gamma) / snr
+            per_sample = per_sample * min_snr_weight(noise_scheduler, timesteps, args.min_snr_gamma)
         step_loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         step_loss.backward()
@@ -463,7 +454,7 @@ def train_unet(
         bar.set_postfix(loss=f"{ema:.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
         if args.probe_every and ((step + 1) % args.probe_every == 0 or step + 1 == args.steps):
             entry = {"step": step + 1, "loss_ema": round(ema, 5), **_probe(unet, encode, probe,
-                     alphas, device)}  # fmt: skip
+                     noise_scheduler, device)}  # fmt: skip
             history.append(entry)
             tqdm.write(json.dumps(entry))
             unet.train()
@@ -485,13 +476,12 @@ def _probe_batch(moments, pool: Pool, scale: float, num_t: int, seed: int, n: in
 
 
 @torch.no_grad()
-def _probe(unet, encode, probe, alphas, device) -> dict:
+def _probe(unet, encode, probe, noise_scheduler, device) -> dict:
     """Denoising loss on the probe batch with the true captions, with captions shifted by one
     (another image's), and with "": a UNet that reads the prompt has true < shifted."""
     unet.eval()
     latents, noise, timesteps, caption_idx = (t.to(device) for t in probe)
-    a = alphas[timesteps].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
 
     def mse(idx):
         return F.mse_loss(unet(noisy, timesteps, encode(idx)).sample, noise).item()
@@ -541,21 +531,6 @@ def _script_path() -> str:
         return str(here.relative_to(Path.cwd()))
     except ValueError:
         return str(here)
-
-
-def _machine(args) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "device": args.device,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-    }
-    if args.device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 if __name__ == "__main__":

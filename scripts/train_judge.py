@@ -2,10 +2,10 @@
 
     python scripts/train_judge.py     # seed 0; ~4 min on 2 CPU cores, 7-9 min when they are busy
 
-The judge (sai_diffusion/judge.py) learns object, colour, background and style from procedural
-images of every object, the held-out concept object included (it must recognise the concept
-the tiny model is taught later), and "nothing" (a background or blank paper alone, 6% of the
-images). Training images come from a pool rendered once at the start (world.render with random
+The judge (sai_diffusion/miniature/judge.py) learns object, colour, background and style from
+procedural images of every object, the held-out concept object included (it must recognise the
+concept the tiny model is taught later), and "nothing" (a background or blank paper alone, 6% of
+the images). Training images come from a pool rendered once at the start (world.render with random
 pose, lighting, tint and grain; a third at 64 px and box-resized to 32 px as the judge reads
 them, the rest at 32 px) and are augmented anew at every draw: blur, noise, brightness,
 contrast, saturation, horizontal flip. Rendering the pool takes under a minute; rendering fresh
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,13 +30,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-# Train the checkout this script sits in, not whatever sai_diffusion is installed.
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from sai_diffusion import world  # noqa: E402
-from sai_diffusion.fsutil import atomic_write_text  # noqa: E402
-from sai_diffusion.judge import (  # noqa: E402
+from sai_diffusion._resources import configs_dir
+from sai_diffusion.fsutil import write_json
+from sai_diffusion.machine import describe_machine
+from sai_diffusion.miniature import world
+from sai_diffusion.miniature.judge import (
     HEADS,
     NOTHING,
     Judge,
@@ -63,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--widths", default="24,48,96", help="channels of the three conv stages")
     p.add_argument("--test-size", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--out", type=Path, default=REPO / "configs" / "judge")
+    p.add_argument("--out", type=Path, default=configs_dir() / "judge")
     return p.parse_args(argv)
 
 
@@ -102,11 +99,11 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s": round(wall_s, 1),
         "render_s": round(render_s, 1),
         "train_s": round(train_s, 1),
-        "machine": machine(args.threads),
+        "machine": describe_machine(),
         "held_out_object": world.HELD_OUT,
         **evaluation,
     }
-    atomic_write_text(args.out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_json(args.out / "report.json", report)
     print(json.dumps({k: report[k] for k in ("wall_s", "accuracy")}, indent=2))
     print(f"wrote {weights} and {args.out / 'report.json'}")
 
@@ -261,17 +258,6 @@ def degrade(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0)), np.float32)
     noisy = blurred + rng.normal(0.0, 8.0, size=blurred.shape)
     return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8))
-
-
-def machine(threads: int) -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": torch.multiprocessing.cpu_count(),
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 if __name__ == "__main__":

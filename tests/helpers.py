@@ -1,13 +1,22 @@
-"""Helpers shared by the tests that need a concept folder or finished tiny runs."""
+"""Helpers shared by the tests: a concept folder, finished tiny runs, and the reference outputs
+of a tiny pipeline (for LoRA and token files that must load back exactly)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
+from diffusers import StableDiffusionPipeline
+from diffusers.models.attention_processor import Attention
 from PIL import Image
 
 from sai_diffusion import cli
+from sai_diffusion.config import DEFAULT_LORA_TARGETS, TEXT_ENCODER_LORA_TARGETS
+
+TOKEN = "<Vpotter>"
+PROMPT = f"a pencil sketch of {TOKEN}"
+ATOL = 1e-5  # fp32 on the CPU: a file that loads back must give the in-memory model's outputs
 
 
 def make_concept(root: Path, n: int = 3, *, layout: str = "flat") -> Path:
@@ -49,3 +58,45 @@ def train_tiny(
             "--max-steps", str(steps), "--resolution", "64", "--output-dir", str(out), *extra]  # fmt: skip
     assert cli.train_main(args) == 0
     return out
+
+
+def load_pipe(base_dir: Path) -> StableDiffusionPipeline:
+    """A fresh stock pipeline from conftest's read-only tiny folder (``tiny_pipeline_dir``)."""
+    pipe = StableDiffusionPipeline.from_pretrained(base_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def outputs(pipe) -> dict[str, torch.Tensor]:
+    """Text-encoder states of PROMPT, and UNet noise predictions on fixed inputs."""
+    ids = pipe.tokenizer(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(123)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    fixed_context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    text = pipe.text_encoder(ids)[0]  # (1, 77, 32)
+    unet_alone = pipe.unet(latents, 500, encoder_hidden_states=fixed_context).sample
+    unet_on_prompt = pipe.unet(latents, 500, encoder_hidden_states=text).sample
+    return {"text_encoder": text, "unet": unet_alone, "unet_on_prompt": unet_on_prompt}
+
+
+def assert_outputs_close(got: dict, want: dict, atol: float = ATOL) -> None:
+    for name in want:
+        diff = (got[name] - want[name]).abs().max().item()
+        assert diff <= atol, f"{name}: max abs diff {diff:.3g} > {atol}"
+
+
+def lora_module_count(pipe) -> tuple[int, int]:
+    """Expected LoRA modules: 4 per UNet attention block, 4 per text-encoder layer."""
+    attentions = sum(isinstance(m, Attention) for m in pipe.unet.modules())
+    layers = pipe.text_encoder.config.num_hidden_layers
+    return attentions * len(DEFAULT_LORA_TARGETS), layers * len(TEXT_ENCODER_LORA_TARGETS)
+
+
+def assert_same_weights(a: StableDiffusionPipeline, b: StableDiffusionPipeline) -> None:
+    """UNet, VAE and text encoder hold bit-identical tensors under the same names."""
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sa.keys() == sb.keys(), name
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), f"{name}.{key}"

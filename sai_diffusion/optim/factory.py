@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .names import OPTIMIZERS
 from .sgd_sai import SGDSaI
-
-OPTIMIZERS = ("sgd-sai", "scaled-adamw", "scaled-sgd", "adamw", "sgd")
 
 NamedParams = Iterable[tuple[str, nn.Parameter]]
 
@@ -120,6 +119,7 @@ class _NamedParameters:
 
 def _riemannian(groups: list[dict[str, Any]], base_cls, *, lr: float, reg: float, **kwargs):
     """peft's scaled optimizer, re-grouped so per-group lr and weight decay survive."""
+    # peft only here: the rest of the package needs torch alone
     from peft.optimizers import create_riemannian_optimizer
 
     named = [(n, p) for g in groups for n, p in zip(g["names"], g["params"], strict=True)]

@@ -11,7 +11,8 @@ and then trains as SGD with momentum and decoupled weight decay:
     m <- mu * m + (1 - mu) * g      (m = g on a block's first step)
     theta <- theta * (1 - lr * wd) - lr * scale_i * m.
 
-What this implementation adds to the released ones (shared/REFERENCES.md, section 2):
+What this implementation adds to the released ones (docs/dev/optimizer-spec.md states the exact
+rules; tests/optim checks them against a float64 re-derivation and the released sgd-sai 1.0.3):
 
 * LoRA-safe: a block whose gradient is None or all zero is not initialised and not touched. Its
   g-SNR is taken on its first step with a non-zero gradient (LoRA's A factor has a zero gradient

@@ -19,8 +19,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sai_diffusion import cli, runs_view
+from sai_diffusion import cli
+from sai_diffusion.compare.labels import group_runs, run_labels
+from sai_diffusion.compare.views import run_cost
 from sai_diffusion.errors import UserError
+from sai_diffusion.files.lora_files import lora_numel
+from sai_diffusion.files.run_dir import index_runs
 from tests.helpers import make_concept, train_tiny
 
 RUNS = {"sgd-sai": "thing/sgd-sai", "adamw": "thing/adamw"}
@@ -153,7 +157,7 @@ def test_browser_picks_runs_generates_and_shows_curves(server, runs_dir, tmp_pat
     offered as a file, and the Training tab draws the loss and g-SNR plots."""
     from playwright.sync_api import sync_playwright
 
-    labels = runs_view.run_labels(runs_view.index_runs(runs_dir))
+    labels = run_labels(index_runs(runs_dir))
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -185,6 +189,15 @@ def test_browser_picks_runs_generates_and_shows_curves(server, runs_dir, tmp_pat
             page.wait_for_selector("#loss-plot img", timeout=20_000)
             page.wait_for_selector("#gsnr-plot img", timeout=20_000)
             page.screenshot(path=str(tmp_path / "training.png"), full_page=True)
+
+            # the Train tab's fields reach the command preview as one settings mapping
+            page.get_by_role("tab", name="Train a new run").click()
+            page.fill("#train-max-steps textarea, #train-max-steps input", "7")
+            page.press("#train-max-steps textarea, #train-max-steps input", "Tab")
+            page.wait_for_function(
+                "document.querySelector('#train-command').innerText.includes('--max-steps 7')",
+                timeout=10_000,
+            )
         finally:
             browser.close()
     assert Image.open(tmp_path / "images.png").size[0] == 1280
@@ -209,7 +222,14 @@ def test_train_tab_translates_fields_into_the_cli_command(app_module, tmp_path):
     from sai_diffusion_app import training
 
     runs = tmp_path.resolve()
-    args = training.train_args(runs, "potter", "/m/sd15", "adamw", "", "800", "", "8", "0", "p/a")
+
+    def form(**fields: str) -> dict[str, str]:  # the Train tab's fields, empty unless given
+        return {name: fields.get(name, "") for name in training.TRAIN_FIELDS}
+
+    args = training.train_args(
+        runs, form(concept="potter", base_model="/m/sd15", optimizer="adamw", max_steps="800",
+                   rank="8", seed="0", run_folder="p/a"),
+    )  # fmt: skip
     assert args[1:] == [
         "--concept", "potter", "--base-model", "/m/sd15", "--optimizer", "adamw",
         "--max-steps", "800", "--rank", "8", "--seed", "0", "--output-dir", str(runs / "p/a"),
@@ -217,13 +237,15 @@ def test_train_tab_translates_fields_into_the_cli_command(app_module, tmp_path):
     assert Path(args[0]).name == "sai-train-lora"
     assert training.shown_command(args).startswith("sai-train-lora --concept potter ")
     with pytest.raises(UserError, match="inside"):
-        training.train_args(runs, "potter", "/m", "adamw", "", "", "", "", "", "../elsewhere")
+        training.train_args(runs, form(concept="potter", run_folder="../elsewhere"))
     with pytest.raises(UserError, match="--lr must be a number"):
-        training.train_args(runs, "potter", "/m", "adamw", "fast", "", "", "", "", "")
+        training.train_args(runs, form(concept="potter", lr="fast"))
     # no base model: the concept's own, else the built-in miniature model
-    args = training.train_args(runs, "demo", " ", "sgd-sai", "", "", "", "", "", "d/a")
+    args = training.train_args(runs, {"concept": "demo", "base_model": " ", "run_folder": "d/a"})
     assert args[1:] == ["--concept", "demo", "--optimizer", "sgd-sai", "--output-dir",
                         str(runs / "d/a")]  # fmt: skip
+    with pytest.raises(ValueError, match="max_step"):
+        training.train_args(runs, {"concept": "demo", "max_step": "3"})  # a UI wiring bug
 
 
 def test_handler_errors_reach_the_page_as_one_message(app_module):
@@ -266,15 +288,15 @@ def test_missing_runs_dir_exits_2_with_one_message(tmp_path, capsys):
 def test_run_list_and_costs_from_the_trained_runs(runs_dir):
     """Only real runs are listed, labelled as in the picker; SGD-SaI's measured optimizer
     state is half of AdamW's (one buffer per weight against two)."""
-    index = runs_view.index_runs(runs_dir)
+    index = index_runs(runs_dir)
     assert sorted(index) == sorted(RUNS.values())
-    labels = runs_view.run_labels(index)
+    labels = run_labels(index)
     assert labels["thing/sgd-sai"] == "thing · sgd-sai lr=0.05 · 2 steps"
-    assert list(runs_view.group_runs(index)) == ["thing · on pipeline"]
-    sai = runs_view.run_cost(runs_dir / "thing/sgd-sai", optimizer="sgd-sai")
-    adamw = runs_view.run_cost(runs_dir / "thing/adamw", optimizer="adamw")
+    assert list(group_runs(index)) == ["thing · on pipeline"]
+    sai = run_cost(runs_dir / "thing/sgd-sai", optimizer="sgd-sai")
+    adamw = run_cost(runs_dir / "thing/adamw", optimizer="adamw")
     assert sai.state_source == adamw.state_source == "checkpoint"
-    numel = runs_view.lora_numel(runs_dir / "thing/adamw")
+    numel = lora_numel(runs_dir / "thing/adamw")
     assert adamw.state_bytes >= 2 * 4 * numel
     assert 0.45 < sai.state_bytes / adamw.state_bytes < 0.55
     assert sai.median_step_time > 0 and sai.steps_logged == 2

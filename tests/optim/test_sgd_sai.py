@@ -243,8 +243,9 @@ def test_momentum_zero_keeps_no_buffer():
 
 
 def test_gsnr_scales_invariant_to_global_gradient_scale():
-    """REFERENCES 2: g-SNR (and so the "max" scales) is invariant to a global gradient scale (loss
-    scaling, accumulation averaging) up to eps; 1024x gradients give the same scales (rtol 1e-5)."""
+    """g-SNR = ||g|| / sqrt(var g) (docs/dev/optimizer-spec.md, "Per block"), and so every "max"
+    scale, is invariant to a global gradient scale (loss scaling, accumulation averaging) up to
+    eps; 1024x gradients give the same scales (rtol 1e-5)."""
     grads = make_grad_steps(SHAPES, 1)
     scales = []
     for factor in (1.0, 1024.0):
@@ -392,10 +393,11 @@ def trainable(model):
 @pytest.mark.parametrize("foreach", FOREACH)
 @pytest.mark.parametrize("normalize", ["max", "none"])
 def test_lora_a_deferred_until_first_nonzero_gradient(normalize, foreach):
-    """The LoRA trap (REFERENCES 2): with B = 0 the gradient of A is exactly zero on step 1. A must
-    not be touched (no decay) nor initialised on step 1, must initialise and move on step 2; under
-    "max" every scale is <= 1 (A gets min(gsnr / frozen G_max, 1)). Five steps then equal the
-    float64 reference replayed on the captured gradients (rtol 1e-5)."""
+    """The LoRA trap (docs/dev/optimizer-spec.md, "Deferred blocks"): with B = 0 the gradient of
+    A is exactly zero on step 1. A must not be touched (no decay) nor initialised on step 1,
+    must initialise and move on step 2; under "max" every scale is <= 1 (A gets
+    min(gsnr / frozen G_max, 1)). Five steps then equal the float64 reference replayed on the
+    captured gradients (rtol 1e-5)."""
     model = make_lora()
     named = trainable(model)
     params = [p for _, p in named]

@@ -1,0 +1,353 @@
+"""The LoRA files of a run: written so that other tools load them, and read back.
+
+    lora.safetensors         diffusers' format: ``unet.<module>.lora.down.weight`` /
+                             ``text_encoder.text_model.<module>.lora_linear_layer.down.weight``,
+                             alpha and rank in diffusers' ``lora_adapter_metadata`` header entry
+    lora_kohya.safetensors   kohya / A1111 / ComfyUI: ``lora_unet_<module>.lora_down.weight``,
+                             ``.lora_up.weight`` and a scalar ``.alpha`` per module, ss_* header
+    embeddings.safetensors   textual-inversion embeddings of the concept tokens, one
+                             ``{token: (1, dim)}`` entry per token
+
+(the names are ``files.run_dir``'s). The LoRA is peft's: ``W x + (alpha / r) * B A x`` with
+A (r, in) and B (out, r), injected by ``models.lora.add_lora`` under the adapter name
+``ADAPTER``. The kohya file keeps the raw factors with the true per-module alpha (loaders
+compute alpha / rank themselves); diffusers' own ``convert_state_dict_to_kohya`` writes
+alpha = rank, which mis-scales any LoRA trained with alpha != rank, so it is not used here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import UserError
+from ..fsutil import atomic_path
+from .run_dir import RunDir
+
+ADAPTER = "default"  # the peft adapter (peft's default name) that training adds and files hold
+
+# Training-metadata keys the caller may give, and the kohya header names they are copied to.
+_SS_ALIASES = {
+    "optimizer": "ss_optimizer",
+    "learning_rate": "ss_learning_rate",
+    "max_train_steps": "ss_max_train_steps",
+    "resolution": "ss_resolution",
+}
+_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+_Factors = tuple[torch.Tensor, torch.Tensor, float]  # (A (r, in), B (out, r), alpha)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_lora(
+    run_dir: Path,
+    *,
+    unet: nn.Module,
+    text_encoder: nn.Module | None = None,
+    rank: int,
+    alpha: float,
+    text_encoder_alpha: float | None = None,
+    metadata: Mapping[str, str],
+) -> dict[str, Path]:
+    """Write ``lora.safetensors`` (diffusers) and ``lora_kohya.safetensors`` into ``run_dir``.
+
+    Both carry the LoRA of ``unet`` and, if it has one, of ``text_encoder``, with the training
+    ``metadata`` in the header (string values only; ``optimizer``, ``learning_rate``,
+    ``max_train_steps`` and ``resolution`` are also copied to kohya's ss_* names). ``rank``,
+    ``alpha`` and ``text_encoder_alpha`` (default: ``alpha``) must match the adapters: they
+    are checked, because a wrong alpha gives a file that loads but is mis-scaled.
+
+    Returns:
+        {"lora": path, "lora_kohya": path}
+    """
+    run = RunDir(run_dir)
+    _check_metadata(metadata)
+    te_alpha = alpha if text_encoder_alpha is None else text_encoder_alpha
+    parts = [("unet", unet, _lora_modules(unet, "unet"))]
+    te_modules = _lora_modules(text_encoder, "text_encoder") if text_encoder is not None else {}
+    if te_modules:  # a text encoder without LoRA (only new tokens) adds nothing here
+        parts.append(("text_encoder", text_encoder, te_modules))
+    if not parts[0][2]:
+        raise ValueError("The UNet has no LoRA adapter: call add_lora before save_lora.")
+    _check_rank_alpha(parts[0][2], "UNet", rank=rank, alpha=alpha)
+    if len(parts) > 1:
+        _check_rank_alpha(parts[1][2], "text encoder", rank=None, alpha=te_alpha)
+
+    diffusers_tensors, adapter_config, kohya_tensors = {}, {}, {}
+    for prefix, model, modules in parts:
+        diffusers_tensors |= _diffusers_tensors(model, prefix)
+        adapter_config |= _adapter_config(model, prefix)
+        kohya_tensors |= _kohya_tensors(modules, _KOHYA_PREFIXES[prefix])
+
+    header = _training_header(metadata, rank=rank, alpha=alpha,
+                              text_encoder_alpha=te_alpha if len(parts) > 1 else None)  # fmt: skip
+    # diffusers rebuilds each LoraConfig (r, lora_alpha, targets) from this entry; a loader
+    # that ignores it (diffusers before its 2025 LoRA-metadata change) assumes alpha = rank.
+    diffusers_header = {
+        **header,
+        "lora_adapter_metadata": json.dumps(adapter_config, sort_keys=True),
+    }
+    paths = {"lora": run.lora, "lora_kohya": run.kohya}
+    _atomic_save(diffusers_tensors, paths["lora"], diffusers_header)
+    _atomic_save(kohya_tensors, paths["lora_kohya"], header)
+    return paths
+
+
+def _training_header(
+    metadata: Mapping[str, str], *, rank: int, alpha: float, text_encoder_alpha: float | None
+) -> dict[str, str]:
+    """The caller's metadata plus the ss_* fields kohya-reading tools show (dim, alpha, ...)."""
+    header = {"format": "pt", **metadata}
+    header |= {ss: metadata[key] for key, ss in _SS_ALIASES.items() if key in metadata}
+    if header.get("ss_resolution", "").isdigit():  # kohya writes "(512, 512)"
+        header["ss_resolution"] = f"({header['ss_resolution']}, {header['ss_resolution']})"
+    header |= {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+    }
+    if text_encoder_alpha is not None:  # kohya has one alpha; ours may differ per model
+        header["sai_text_encoder_alpha"] = str(float(text_encoder_alpha))
+    return header
+
+
+def save_embeddings(
+    path: Path, *, tokenizer: PreTrainedTokenizerBase, text_encoder: nn.Module, tokens: list[str]
+) -> Path:
+    """Write the embedding rows of ``tokens`` as a textual-inversion file: ``{token: (1, dim)}``.
+
+    One token: stock ``pipe.load_textual_inversion(path)`` reads it (the single key names the
+    token; ``token=`` may rename it), and so do A1111 and ComfyUI. Several tokens: diffusers
+    reads a file only when it has one key, so load them with ``load_lora_into`` or pass the
+    tensors: ``pipe.load_textual_inversion([sd[t] for t in tokens], token=tokens)``. The
+    header's ``tokens`` entry (JSON list) keeps their order.
+    """
+    path = Path(path)
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        raise ValueError(f"Tokens {missing} are not in the tokenizer: add them first.")
+    ids = torch.tensor([vocab[t] for t in tokens])
+    embedding = text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        # A lookup, not .weight[ids]: a training-time wrapper (models.tokens.ConceptTokenEmbedding)
+        # keeps the trained rows outside .weight.
+        rows = embedding(ids.to(embedding.weight.device)).float().cpu()  # (n, dim)
+    tensors = {t: rows[i : i + 1].clone() for i, t in enumerate(tokens)}  # (1, dim) each
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save(tensors, path, {"format": "pt", "tokens": json.dumps(tokens)})
+    return path
+
+
+def _check_metadata(metadata: Mapping[str, str]) -> None:
+    bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise TypeError(f"safetensors metadata must map str to str; bad entries: {bad}")
+
+
+def _lora_modules(model: nn.Module, what: str) -> dict[str, _Factors]:
+    """{canonical module name: (A (r, in), B (out, r), alpha)} for every LoRA layer of ``model``."""
+    found = {}
+    for name, module in model.named_modules():
+        if not (isinstance(module, LoraLayer) and ADAPTER in module.lora_A):
+            continue
+        r, alpha = module.r[ADAPTER], module.lora_alpha[ADAPTER]
+        # Refuse what the files cannot express: rsLoRA (alpha / sqrt r) or a scale changed
+        # after injection (set_adapters weights).
+        if abs(module.scaling[ADAPTER] - alpha / r) > 1e-9 * max(1.0, alpha / r):
+            raise ValueError(
+                f"{what}.{name}: LoRA scaling {module.scaling[ADAPTER]} != alpha / rank "
+                f"({alpha} / {r}); files would be mis-scaled."
+            )
+        down = module.lora_A[ADAPTER].weight
+        up = module.lora_B[ADAPTER].weight
+        found[_canonical(name, what)] = (down, up, float(alpha))
+    return found
+
+
+def _canonical(name: str, what: str) -> str:
+    """Module names as SD 1.5 LoRA files spell them.
+
+    transformers 5 flattened CLIPTextModel (``encoder.layers.0...``); kohya, A1111 and older
+    diffusers/transformers say ``text_model.encoder.layers.0...``, and diffusers 0.42 strips
+    that prefix again when loading into a flattened model.
+    """
+    if what == "text_encoder" and not name.startswith("text_model."):
+        return "text_model." + name
+    return name
+
+
+def _check_rank_alpha(
+    modules: dict[str, _Factors], what: str, *, rank: int | None, alpha: float
+) -> None:
+    for name, (down, _, module_alpha) in modules.items():
+        if (rank is not None and down.shape[0] != rank) or module_alpha != alpha:
+            raise ValueError(
+                f"{what} LoRA module {name} has rank {down.shape[0]}, alpha {module_alpha}; "
+                f"save_lora was told rank {rank}, alpha {alpha}."
+            )
+
+
+def _diffusers_tensors(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """peft state dict -> diffusers' SD keys, via diffusers' own converter.
+
+    The converter only knows the default attention targets; any other target (``proj_in``,
+    ``fc1``) keeps peft's ``lora_A``/``lora_B``, and diffusers' loader decides the key style
+    from the first key only, so such leftovers are renamed with the generic rule its loader
+    inverts (UNet ``.lora.down``, text encoder ``.lora_linear_layer.down``).
+    """
+    # save_embedding_layers=False: after add_concept_tokens peft's "auto" would add the whole
+    # resized token-embedding matrix; the concept rows go to embeddings.safetensors instead.
+    peft_sd = get_peft_model_state_dict(model, adapter_name=ADAPTER, save_embedding_layers=False)
+    converted = convert_state_dict_to_diffusers(peft_sd)
+    generic = "lora" if prefix == "unet" else "lora_linear_layer"
+    out = {}
+    for key, tensor in converted.items():
+        key = key.replace(".lora_A.", f".{generic}.down.").replace(".lora_B.", f".{generic}.up.")
+        out[f"{prefix}.{_canonical(key, prefix)}"] = tensor.detach().contiguous()
+    return out
+
+
+def _adapter_config(model: nn.Module, prefix: str) -> dict[str, object]:
+    """The LoraConfig fields diffusers needs to rebuild the adapter, keyed ``<prefix>.<field>``.
+
+    Only the fields that shape the forward pass: a full ``LoraConfig.to_dict()`` would carry
+    fields that older peft versions reject.
+    """
+    config = model.peft_config[ADAPTER]
+    targets = config.target_modules
+    fields = {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "target_modules": sorted(targets) if isinstance(targets, set | list) else targets,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "lora_bias": config.lora_bias,
+    }
+    return {f"{prefix}.{k}": v for k, v in fields.items()}
+
+
+def _kohya_tensors(modules: dict[str, _Factors], prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, (down, up, alpha) in modules.items():
+        base = prefix + name.replace(".", "_")
+        out[f"{base}.lora_down.weight"] = down.detach().contiguous()
+        out[f"{base}.lora_up.weight"] = up.detach().contiguous()
+        out[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)  # 0-dim, as kohya writes it
+    return out
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file so that ``path`` is either absent/old or the complete new one."""
+    data = safetensors.torch.save({k: v.cpu() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_lora_into(
+    pipe: StableDiffusionPipeline,
+    run_dir: Path,
+    *,
+    weight: float = 1.0,
+    adapter_name: str | None = None,
+) -> str:
+    """Load a run's concept tokens and LoRA into a stock diffusers SD pipeline; return the
+    adapter name.
+
+    Uses only diffusers' public API: ``load_textual_inversion`` for ``embeddings.safetensors``
+    (when present), ``load_lora_weights`` for ``lora.safetensors``, then ``set_adapters`` with
+    ``weight`` (0 gives the base model, 1 the trained one). This adapter becomes the only
+    active one.
+
+    Raises:
+        UserError: ``lora.safetensors`` is missing, the embeddings file is unreadable, or a
+            concept token is already in the pipeline's tokenizer (load each run into its own
+            pipeline).
+    """
+    run = RunDir(run_dir)
+    if not run.lora.is_file():
+        raise UserError(
+            f"{run.lora} not found: is {run.path} a finished sai-train-lora run directory?"
+        )
+    vectors = read_embeddings(run.path)
+    taken = [t for t in vectors if t in pipe.tokenizer.get_vocab()]
+    if taken:
+        raise UserError(
+            f"Token(s) {taken} from {run.embeddings} are already in this pipeline's tokenizer "
+            "(another run of the same concept?). Load each run into a fresh pipeline."
+        )
+    if vectors:
+        pipe.load_textual_inversion(list(vectors.values()), token=list(vectors))
+
+    before = _adapter_names(pipe)
+    pipe.load_lora_weights(run.path, weight_name=run.lora.name, adapter_name=adapter_name)
+    if adapter_name is None:  # diffusers picked "default_<i>"
+        (adapter_name,) = _adapter_names(pipe) - before
+    pipe.set_adapters([adapter_name], adapter_weights=[weight])
+    return adapter_name
+
+
+def _adapter_names(pipe: StableDiffusionPipeline) -> set[str]:
+    return {name for names in pipe.get_list_adapters().values() for name in names}
+
+
+def read_embeddings(run_dir: Path) -> dict[str, torch.Tensor]:
+    """A run's concept-token vectors, ``{token: (dim,)}`` in the file's order; ``{}`` when the
+    run has no ``embeddings.safetensors`` (it added no tokens).
+
+    Raises:
+        UserError: the file is unreadable or holds a multi-vector token.
+    """
+    path = RunDir(run_dir).embeddings
+    if not path.is_file():
+        return {}
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tokens = json.loads(header["tokens"]) if "tokens" in header else list(f.keys())
+            vectors = {t: f.get_tensor(t) for t in tokens}
+    except (safetensors.SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(
+            f"{path} is not a readable embeddings file ({e}); train the run again or restore "
+            "the file."
+        ) from e
+    for token, vector in vectors.items():
+        if vector.dim() == 2 and vector.shape[0] == 1:
+            vectors[token] = vector[0]
+        elif vector.dim() != 1:
+            raise UserError(
+                f"{path}: token {token!r} has {tuple(vector.shape)} vectors; sai-diffusion "
+                "writes one (1, dim) vector per token, so this file is not from one of its runs."
+            )
+    return vectors
+
+
+def lora_numel(run_dir: Path) -> int:
+    """Number of trained LoRA weights in a run's ``lora.safetensors`` (0 when absent)."""
+    path = RunDir(run_dir).lora
+    if not path.is_file():
+        return 0
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        keys = f.keys()  # safe_open has no __iter__
+        return sum(math.prod(f.get_slice(key).get_shape()) for key in keys)

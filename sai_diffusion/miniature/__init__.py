@@ -1,0 +1,26 @@
+"""The built-in miniature world: a demo, and a yardstick, that runs on a CPU with no downloads.
+
+    world        procedural captioned 32 px images whose content is known by construction
+    judge        a small classifier that reads a generated image back into its scene
+    model        the shipped tiny SD-1.5-architecture model (configs/miniature): finding it,
+                 scoring it with the judge, drawing sample grids
+    evaluate     sai-eval for miniature-world concepts: concept and prompt fidelity
+    tiny         tiny SD-1.5-architecture pipelines with random weights (tests, pretraining)
+    clip_vocab   CLIP's BPE vocabulary rebuilt offline (tiny tokenizers, the SD 1.5 config)
+
+The real path never depends on it: outside this package only the entry points and
+``models.base.resolve_source`` (the base-model name ``miniature``) import it. This file stays
+light (no torch): that resolver imports it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .._resources import configs_dir
+
+
+def miniature_dir() -> Path:
+    """The shipped miniature model folder, ``configs/miniature`` (may not exist in a checkout
+    that has not run ``scripts/pretrain_world.py`` yet)."""
+    return configs_dir() / "miniature"

@@ -1,0 +1,128 @@
+"""Image generation with fixed seeds: validation during training, ``sai-sample``, comparisons and
+evaluation all sample through here, with DPM-Solver++ as Mix-of-Show samples.
+
+A seed means the same image on every device: each seed's latents are drawn alone on the CPU,
+then moved to the model. ``generate`` makes one image; ``generate_batch`` makes one per seed in
+a single batch (faster, and the same image per seed up to float rounding of the batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from ..files.run_dir import sample_name, write_prompts
+from ..fsutil import atomic_path
+
+SCHEDULER = "DPM-Solver++ multistep"  # what reports call the sampler
+
+
+@dataclass
+class SampleSettings:
+    steps: int = 25
+    guidance_scale: float = 7.5
+    negative_prompt: str | None = None
+    height: int = 512
+    width: int = 512
+
+
+def sampling_pipeline(pipe: StableDiffusionPipeline, **modules) -> StableDiffusionPipeline:
+    """``pipe``'s modules under a DPM-Solver++ scheduler (from ``pipe``'s noise schedule), with
+    no safety checker and no progress bar. ``modules`` replace some of them (``unet=...``,
+    ``text_encoder=...``): training samples its live, unwrapped modules this way."""
+    parts = {
+        "vae": pipe.vae,
+        "text_encoder": pipe.text_encoder,
+        "tokenizer": pipe.tokenizer,
+        "unet": pipe.unet,
+        **modules,
+    }
+    sampler = StableDiffusionPipeline(
+        **parts,
+        scheduler=DPMSolverMultistepScheduler.from_config(pipe.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    sampler.set_progress_bar_config(disable=True)
+    return sampler
+
+
+def native_resolution(pipe: StableDiffusionPipeline) -> int:
+    """The image side the UNet was built for (its sample size times the VAE's factor)."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def _latents(pipe: StableDiffusionPipeline, seeds: Sequence[int], settings: SampleSettings):
+    """(S, C, h, w): each seed's starting noise, drawn alone on the CPU."""
+    shape = (
+        pipe.unet.config.in_channels,
+        settings.height // pipe.vae_scale_factor,
+        settings.width // pipe.vae_scale_factor,
+    )
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+    return torch.stack(noise).to(pipe.unet.device, pipe.unet.dtype)
+
+
+@torch.no_grad()
+def generate_batch(
+    pipe: StableDiffusionPipeline, prompt: str, seeds: Sequence[int], settings: SampleSettings
+) -> list[Image.Image]:
+    """One image of ``prompt`` per seed, in one batch; ``pipe`` from ``sampling_pipeline``."""
+    negative = settings.negative_prompt
+    out = pipe(
+        [prompt] * len(seeds),
+        negative_prompt=None if negative is None else [negative] * len(seeds),
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        height=settings.height,
+        width=settings.width,
+        latents=_latents(pipe, seeds, settings),
+        output_type="pil",
+    )
+    return out.images
+
+
+@torch.no_grad()
+def generate(
+    pipe: StableDiffusionPipeline, prompt: str, seed: int, settings: SampleSettings
+) -> Image.Image:
+    """One image; the same (prompt, seed, settings) gives the same image on the same device."""
+    out = pipe(
+        prompt,
+        negative_prompt=settings.negative_prompt,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        height=settings.height,
+        width=settings.width,
+        latents=_latents(pipe, [seed], settings),
+        output_type="pil",
+    )
+    return out.images[0]
+
+
+def write_samples(
+    pipe: StableDiffusionPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    settings: SampleSettings,
+    out_dir: Path,
+) -> list[Path]:
+    """Every (prompt, seed) image as a PNG in ``out_dir``, named as run folders name samples,
+    with the prompts beside them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for pi, prompt in enumerate(prompts):
+        for seed in seeds:
+            image = generate(pipe, prompt, seed, settings)
+            path = out_dir / sample_name(pi, seed)
+            with atomic_path(path) as tmp:
+                image.save(tmp, format="PNG")
+            paths.append(path)
+    write_prompts(out_dir, prompts)
+    return paths

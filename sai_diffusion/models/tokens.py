@@ -1,0 +1,171 @@
+"""Concept tokens: new words in the tokenizer with their own embedding rows, trained as one
+small parameter, and prompts turned into token ids.
+
+Training the whole (49408, 768) token-embedding matrix to move a few rows wastes memory, and
+under SGD-SaI it would give the block a g-SNR computed over mostly-zero rows. Instead the new
+rows live in one (n_tokens, dim) parameter that overrides the lookup of their ids
+(``ConceptTokenEmbedding``), folded back into the table before saving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from diffusers import StableDiffusionPipeline
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import UserError
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.Tensor:
+    """Token ids (B, 77) as SD's text encoder reads them: padded to the tokenizer's length,
+    longer prompts cut."""
+    return tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def add_concept_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    text_encoder: nn.Module,
+    tokens: list[str],
+    *,
+    init_word: str,
+    init_noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Add ``tokens`` to the tokenizer and give each a new embedding row; return their ids.
+
+    Each new row is the mean of ``init_word``'s token embeddings plus, when ``init_noise_std``
+    is > 0, Gaussian noise of that std (Mix-of-Show starts concept tokens from the class word
+    plus a small random vector). The embedding weight keeps its requires_grad flag.
+
+    Raises:
+        UserError: a token is already in the vocabulary or repeated, or ``init_word`` gives
+            no tokens.
+    """
+    vocab = tokenizer.get_vocab()
+    for token in tokens:
+        if token in vocab:
+            raise UserError(
+                f"Concept token {token!r} is already in the tokenizer's vocabulary, so training "
+                f"it would change an existing word. Pick a new token, e.g. '<{token.strip('<>')}1>'."
+            )
+    if len(set(tokens)) != len(tokens):
+        raise UserError(f"Concept tokens repeat: {tokens}. Give each concept its own token.")
+    init_ids = tokenizer(init_word, add_special_tokens=False).input_ids
+    if not init_ids:
+        raise UserError(
+            f"The init word {init_word!r} tokenises to nothing. Set `class_word` in the concept "
+            "config to a real word (e.g. 'man', 'dog')."
+        )
+
+    embedding = text_encoder.get_input_embeddings()
+    trainable = embedding.weight.requires_grad
+    start = embedding.weight.shape[0]
+    base = embedding.weight.detach()[init_ids].float().mean(dim=0)  # (dim,)
+
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if min(ids) < start:  # the tokenizer and the embedding disagreed on the vocabulary size
+        raise ValueError(f"New token ids {ids} overlap the existing {start} embedding rows.")
+    # mean_resizing=False: its covariance over the whole (49408, 768) table is wasted work,
+    # every new row is overwritten below.
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = text_encoder.get_input_embeddings().weight  # a new tensor after the resize
+    noise_device = generator.device if generator is not None else "cpu"
+    with torch.no_grad():
+        for token_id in ids:
+            row = base.clone()
+            if init_noise_std > 0:
+                noise = torch.randn(row.shape, generator=generator, device=noise_device)
+                row += init_noise_std * noise.to(row.device)
+            weight[token_id] = row.to(weight.dtype)
+    weight.requires_grad_(trainable)
+    return ids
+
+
+def set_token_embeddings(
+    pipe: StableDiffusionPipeline, vectors: Mapping[str, torch.Tensor]
+) -> None:
+    """Make ``pipe``'s text encoder read each token of ``vectors`` as that vector.
+
+    A token the tokenizer lacks is added (as ``load_textual_inversion`` would, without its
+    covariance over the whole table); a token it already has (added for another run of the
+    same concept) keeps its id and only its row is overwritten, so one pipeline can switch
+    between runs. Other rows are untouched.
+
+    Raises:
+        UserError: a vector's width differs from the text encoder's (another base model).
+    """
+    weight = pipe.text_encoder.get_input_embeddings().weight  # (vocab, dim)
+    for token, vector in vectors.items():
+        if vector.shape[-1] != weight.shape[-1]:
+            raise UserError(
+                f"The embedding of {token!r} has width {vector.shape[-1]}, the base model's text "
+                f"encoder {weight.shape[-1]}: the run was trained on another base model."
+            )
+    vocab = pipe.tokenizer.get_vocab()
+    new = [t for t in vectors if t not in vocab]
+    if new:
+        pipe.tokenizer.add_tokens(new)
+        # mean_resizing=False: every new row is overwritten below
+        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
+        weight = pipe.text_encoder.get_input_embeddings().weight  # resized: a new tensor
+    ids = pipe.tokenizer.convert_tokens_to_ids(list(vectors))
+    with torch.no_grad():
+        for token_id, vector in zip(ids, vectors.values(), strict=True):
+            weight[token_id] = vector.to(weight.device, weight.dtype)
+
+
+class ConceptTokenEmbedding(nn.Module):
+    """Wraps a frozen ``nn.Embedding``; the rows of ``token_ids`` come from ``vectors``."""
+
+    def __init__(self, base: nn.Embedding, token_ids: list[int]) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer(
+            "token_ids", torch.tensor(token_ids, dtype=torch.long), persistent=False
+        )
+        self.vectors = nn.Parameter(base.weight[token_ids].detach().clone().float())
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads .weight for shapes and dtype
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids)  # (B, T, D)
+        match = input_ids.unsqueeze(-1) == self.token_ids.to(input_ids.device)  # (B, T, n)
+        if not match.any():
+            return out
+        which = match.float().argmax(-1)  # (B, T): index into vectors where matched
+        found = match.any(-1, keepdim=True)  # (B, T, 1)
+        return torch.where(found, self.vectors[which].to(out.dtype), out)
+
+    def bake(self) -> None:
+        """Write the trained vectors into the base matrix (for saving and stock pipelines)."""
+        with torch.no_grad():
+            self.base.weight[self.token_ids] = self.vectors.to(self.base.weight.dtype)
+
+
+def make_token_embeddings_trainable(text_encoder, token_ids: list[int]) -> ConceptTokenEmbedding:
+    embeddings = text_encoder.get_input_embeddings()
+    if isinstance(embeddings, ConceptTokenEmbedding):
+        return embeddings
+    wrapper = ConceptTokenEmbedding(embeddings, token_ids)
+    text_encoder.set_input_embeddings(wrapper)
+    return wrapper
+
+
+def bake_token_embeddings(text_encoder) -> None:
+    """Fold a ConceptTokenEmbedding back into a plain nn.Embedding (no-op otherwise)."""
+    embeddings = text_encoder.get_input_embeddings()
+    if isinstance(embeddings, ConceptTokenEmbedding):
+        embeddings.bake()
+        text_encoder.set_input_embeddings(embeddings.base)

@@ -1,0 +1,584 @@
+"""The LoRA training recipe: ``setup()`` builds the parts, ``train()`` runs the loop,
+``save_outputs()`` writes the files; ``run_training()`` is the whole job.
+
+Every random draw of step s (which images, crops, noise, timesteps) is derived from
+(seed, s), never from a running RNG, so a run resumed from a checkpoint continues exactly as
+the uninterrupted run would have (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from ..config import BUILTIN_BASE_MODEL, Concept, TrainConfig
+from ..errors import TrainingDiverged, UserError
+from ..files.lora_files import save_embeddings, save_lora
+from ..files.run_dir import FINAL_SAMPLES, RunDir, step_tag
+from ..models.base import load_base, model_fingerprint
+from ..models.lora import add_lora
+from ..models.sampling import SampleSettings, sampling_pipeline, write_samples
+from ..models.tokens import (
+    add_concept_tokens,
+    bake_token_embeddings,
+    make_token_embeddings_trainable,
+    tokenize,
+)
+from ..optim import SGDSaI, build_optimizer
+from .checkpoints import TrainingState, load_latest_checkpoint, save_checkpoint
+from .data import ConceptDataset, discover_examples
+from .loss import min_snr_weight, per_sample_mse, prediction_target
+
+_WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built by ``setup``."""
+
+    cfg: TrainConfig
+    concept: Concept
+    run_dir: RunDir
+    accelerator: Accelerator
+    pipe: Any  # the base StableDiffusionPipeline (its modules are the ones trained)
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    noise_scheduler: Any
+    dataset: ConceptDataset
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    trainable: dict[str, torch.nn.Parameter]
+    token_ids: list[int]
+    lr: float
+    base_fingerprint: str
+    cache: dict[str, Any] = field(default_factory=dict)
+    step: int = 0
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return _trains_text_encoder(self.cfg)
+
+
+def _trains_text_encoder(cfg: TrainConfig) -> bool:
+    return cfg.text_encoder_lora or cfg.train_embeddings
+
+
+# ----------------------------------------------------------------------------------- setup
+def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = False) -> Run:
+    """Build the parts of a run; with ``resume``, restore the latest checkpoint of ``run_dir``.
+
+    The order matters: the data first (a bad dataset fails in a second, before a model loads);
+    accelerate next (the model is loaded for its device and precision); the global seed before
+    the model (peft draws LoRA's A from it); the optimizer over the finished adapters; accelerate's
+    wrapping; the caches on the final device; the checkpoint last, over all of it.
+
+    Raises:
+        UserError: bad data, a missing or unreadable base model, a LoRA target that matches
+            nothing, a concept token already in the vocabulary, no checkpoint to resume.
+    """
+    dataset = _setup_data(cfg, concept)
+    accelerator = _setup_accelerator(cfg)
+    torch.manual_seed(cfg.seed)
+    pipe, token_ids, trainable = _setup_model(cfg, concept, accelerator.device)
+    lr = cfg.resolved_lr(concept)
+    optimizer, lr_scheduler = _setup_optimizer(cfg, trainable, lr)
+
+    # accelerate wraps the trained modules (DDP across GPUs) and the optimizer (GradScaler).
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    if _trains_text_encoder(cfg):
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    run = Run(
+        cfg=cfg,
+        concept=concept,
+        run_dir=RunDir(run_dir),
+        accelerator=accelerator,
+        pipe=pipe,
+        unet=unet,
+        text_encoder=text_encoder,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        dataset=dataset,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        trainable=trainable,
+        token_ids=token_ids,
+        lr=lr,
+        base_fingerprint=model_fingerprint(cfg.base_model),
+    )
+    _setup_caches(run)
+    if resume:
+        run.step = load_latest_checkpoint(run.run_dir, _training_state(run))
+        run.run_dir.truncate_metrics(run.step)  # the steps after it are trained again
+    return run
+
+
+def _setup_data(cfg: TrainConfig, concept: Concept) -> ConceptDataset:
+    examples = discover_examples(
+        concept.data, token=concept.token, caption_template=concept.caption_template
+    )
+    return ConceptDataset(
+        examples,
+        resolution=cfg.resolution,
+        center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip,
+        seed=cfg.seed,
+    )
+
+
+def _setup_accelerator(cfg: TrainConfig) -> Accelerator:
+    # accelerate keeps one global state per process; a second run in the same process (tests,
+    # the app) may want another precision. The distributed part (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        print("note: fp16 needs a GPU; training in fp32 on the CPU (mixed_precision=no)")
+        cfg.mixed_precision = "no"
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def _setup_model(cfg: TrainConfig, concept: Concept, device: torch.device):
+    """The base model, frozen, on ``device`` (weights in the compute dtype when training in
+    half precision), with the concept token and the LoRA adapters. Returns the pipeline, the
+    token ids and the trainable tensors by name (fp32)."""
+    if cfg.base_model == BUILTIN_BASE_MODEL:
+        print(
+            "base model: the built-in miniature model (32 px world, CPU demo); pass "
+            "--base-model for a real SD 1.5-class checkpoint"
+        )
+    pipe = load_base(cfg)
+    unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
+    for module in (unet, text_encoder, vae):
+        module.requires_grad_(False)
+        module.eval()
+    weight_dtype = _WEIGHT_DTYPES[cfg.mixed_precision]
+    unet.to(device, dtype=weight_dtype)
+    text_encoder.to(device, dtype=weight_dtype)
+    vae.to(device, dtype=torch.float32 if cfg.vae_fp32 else weight_dtype)
+
+    # The concept token, initialised from the class word, before LoRA wraps the encoder.
+    token_ids = add_concept_tokens(
+        pipe.tokenizer,
+        text_encoder,
+        [concept.token],
+        init_word=concept.class_word,
+        init_noise_std=cfg.init_noise_std,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    add_lora(
+        unet,
+        text_encoder if cfg.text_encoder_lora else None,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        unet_targets=tuple(cfg.lora_targets),
+        text_encoder_rank=cfg.text_encoder_rank,
+        text_encoder_alpha=cfg.text_encoder_alpha,
+    )
+    if cfg.train_embeddings:
+        make_token_embeddings_trainable(text_encoder, token_ids)
+    trainable = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
+    trainable |= {
+        f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad
+    }
+    for p in trainable.values():  # only the adapters (and token vectors) train, in fp32
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.text_encoder_lora:
+            text_encoder.gradient_checkpointing_enable()
+    return pipe, token_ids, trainable
+
+
+def _setup_optimizer(cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter], lr: float):
+    """The optimizer over named groups (UNet LoRA at lr; text-encoder LoRA at lr_text_encoder,
+    default lr/10 as Mix-of-Show's 1e-5 vs 1e-4; token vectors at lr_embeddings, default lr),
+    then the lr schedule."""
+    groups = {"unet": [], "text_encoder": [], "embeddings": []}
+    for name, p in trainable.items():
+        if name.endswith(".vectors"):
+            groups["embeddings"].append((name, p))
+        elif name.startswith("text_encoder."):
+            groups["text_encoder"].append((name, p))
+        else:
+            groups["unet"].append((name, p))
+    lrs = {
+        "unet": lr,
+        "text_encoder": cfg.lr_text_encoder if cfg.lr_text_encoder is not None else lr / 10,
+        "embeddings": cfg.lr_embeddings if cfg.lr_embeddings is not None else lr,
+    }
+    optimizer = build_optimizer(
+        cfg.optimizer,
+        [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v],
+        lr=lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        reg=cfg.scaled_reg,
+        eps=cfg.sai_eps if cfg.optimizer == "sgd-sai" else None,
+    )
+    name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    lr_scheduler = get_scheduler(
+        name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+    )
+    return optimizer, lr_scheduler
+
+
+@torch.no_grad()
+def _setup_caches(run: Run) -> None:
+    """Latents when the VAE input is fixed, text embeddings when the encoder is frozen."""
+    if run.cfg.cache_latents:
+        _cache_latents(run)
+    if not run.trains_text_encoder:
+        captions = sorted({e.caption for e in run.dataset.examples})
+        run.cache["text"] = {c: _encode_text(run, [c])[0].cpu() for c in captions}
+
+
+def _cache_latents(run: Run) -> None:
+    """VAE posteriors (mean, std) of each image, unflipped and flipped, at the centre crop."""
+    vae, device = run.pipe.vae, run.accelerator.device
+    fixed = ConceptDataset(
+        run.dataset.examples,
+        resolution=run.cfg.resolution,
+        center_crop=True,
+        random_flip=0.0,
+        seed=run.cfg.seed,
+    )
+    means, stds, masks = [], [], []
+    for i in range(len(fixed)):
+        item = fixed[i]
+        pixels = torch.stack([item["pixel_values"], item["pixel_values"].flip(-1)])
+        dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+        means.append(dist.mean.float().cpu())  # (2, 4, h, w)
+        stds.append(dist.std.float().cpu())
+        masks.append(torch.stack([item["mask"], item["mask"].flip(-1)]))  # (2, 1, H, W)
+    run.cache["latents"] = (torch.stack(means), torch.stack(stds), torch.stack(masks))
+
+
+def _encode_text(run: Run, captions: list[str]) -> torch.Tensor:
+    ids = tokenize(run.pipe.tokenizer, captions)
+    return run.text_encoder(ids.to(run.accelerator.device))[0]  # (B, 77, D)
+
+
+def _training_state(run: Run) -> TrainingState:
+    return TrainingState(
+        trainable=run.trainable,
+        optimizer=_unwrap_optimizer(run.optimizer),
+        lr_scheduler=run.lr_scheduler,
+        scaler=run.accelerator.scaler,
+    )
+
+
+def _unwrap_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+
+
+# ------------------------------------------------------------------------------ the loop
+def train(run: Run) -> None:
+    """Train from ``run.step`` to ``max_steps``: log every step, sample and checkpoint on
+    schedule, and end with a checkpoint of the last step.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or inf (the last good checkpoint is kept).
+    """
+    cfg, acc = run.cfg, run.accelerator
+    writer = _tensorboard(run.run_dir)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=run.step,
+        desc=f"{cfg.optimizer} lr={run.lr:g}",
+        unit="step",
+        disable=not acc.is_local_main_process,
+        dynamic_ncols=True,
+    )
+    while run.step < cfg.max_steps:
+        start = time.perf_counter()
+        loss = _train_step(run)
+        record = {
+            "step": run.step,
+            "loss": loss,
+            "step_time": time.perf_counter() - start,
+            "lr": {
+                g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)
+            },
+            "peak_mem_mb": _peak_memory_mb(acc.device),
+        }
+        if acc.is_main_process and (run.step % cfg.log_every == 0 or run.step == cfg.max_steps):
+            _log(run, record, writer)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.update(1)
+
+        due = cfg.validation_every and run.step % cfg.validation_every == 0
+        if due and run.step < cfg.max_steps:  # the last step gets samples/final instead
+            validate_samples(run)
+        if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+            checkpoint(run)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    latest = run.run_dir.latest_checkpoint()
+    if latest is None or latest[0] != run.step:
+        checkpoint(run)
+
+
+def _train_step(run: Run) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the summed loss."""
+    cfg, acc = run.cfg, run.accelerator
+    loss = 0.0
+    for micro in range(cfg.grad_accum):
+        batch = _batch(run, micro)
+        sync = micro == cfg.grad_accum - 1
+        # gradients are all-reduced once, on the last micro-batch
+        skip_sync = not sync and acc.num_processes > 1
+        sync_ctx = acc.no_sync(run.unet) if skip_sync else contextlib.nullcontext()
+        with sync_ctx, acc.autocast():
+            micro_loss = _loss(run, batch) / cfg.grad_accum
+        acc.backward(micro_loss)
+        loss += micro_loss.detach().float().item()
+    if not math.isfinite(loss):
+        raise TrainingDiverged(_diverged_message(run, loss))
+    if cfg.max_grad_norm > 0:
+        acc.clip_grad_norm_(list(run.trainable.values()), cfg.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return loss
+
+
+def _step_generator(run: Run, micro: int) -> torch.Generator:
+    acc = run.accelerator
+    key = ((run.cfg.seed * 1_000_003 + run.step) * 1009 + micro) * 131 + acc.process_index
+    return torch.Generator().manual_seed(key % (2**63 - 1))
+
+
+def _batch(run: Run, micro: int) -> dict[str, Any]:
+    """The examples of (step, micro-batch, rank): an epoch-wise permutation of the dataset."""
+    cfg, acc, n = run.cfg, run.accelerator, len(run.dataset)
+    first = (
+        (run.step * cfg.grad_accum + micro) * acc.num_processes + acc.process_index
+    ) * cfg.batch_size
+    indices, flips = [], []
+    gen = _step_generator(run, micro)
+    for k in range(first, first + cfg.batch_size):
+        epoch, pos = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        indices.append(int(perm[pos]))
+        # drawn on both paths so the noise that follows is the same with or without the cache
+        flips.append(bool(torch.rand((), generator=gen) < cfg.random_flip))
+    if "latents" in run.cache:
+        means, stds, masks = run.cache["latents"]
+        sel = torch.tensor(indices)
+        flip = torch.tensor(flips, dtype=torch.long)
+        mean, std, mask = means[sel, flip], stds[sel, flip], masks[sel, flip]
+        latents = mean + std * torch.randn(mean.shape, generator=gen)
+    else:
+        items = []
+        for k, i in zip(range(first, first + cfg.batch_size), indices, strict=True):
+            run.dataset.set_epoch(k // n)
+            items.append(run.dataset[i])
+        pixels = torch.stack([it["pixel_values"] for it in items])
+        mask = torch.stack([it["mask"] for it in items])
+        vae = run.pipe.vae
+        with torch.no_grad():
+            dist = vae.encode(pixels.to(acc.device, vae.dtype)).latent_dist
+            latents = dist.mean.float().cpu() + dist.std.float().cpu() * torch.randn(
+                dist.mean.shape, generator=gen
+            )
+    latents = latents * run.pipe.vae.config.scaling_factor
+    captions = [run.dataset.examples[i].caption for i in indices]
+    noise = torch.randn(latents.shape, generator=gen)
+    if cfg.noise_offset:
+        noise += cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen)
+    timesteps = torch.randint(
+        0, run.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen
+    )
+    return {
+        "latents": latents,
+        "noise": noise,
+        "timesteps": timesteps,
+        "mask": mask,
+        "captions": captions,
+    }
+
+
+def _loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    """Noise-prediction MSE of the batch, mask-weighted, optionally min-SNR weighted."""
+    device, sched = run.accelerator.device, run.noise_scheduler
+    latents, noise = batch["latents"].to(device), batch["noise"].to(device)
+    timesteps = batch["timesteps"].to(device)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    if "text" in run.cache:
+        context = torch.stack([run.cache["text"][c] for c in batch["captions"]]).to(device)
+    else:
+        context = _encode_text(run, batch["captions"])
+    unet_dtype = next(run.unet.parameters()).dtype
+    pred = run.unet(noisy.to(unet_dtype), timesteps, context.to(unet_dtype)).sample
+    target = prediction_target(sched, latents, noise, timesteps)
+    mask = batch["mask"].to(device) if run.cfg.use_masks else None
+    per_sample = per_sample_mse(pred, target, mask)
+    if run.cfg.min_snr_gamma > 0:
+        per_sample = per_sample * min_snr_weight(sched, timesteps, run.cfg.min_snr_gamma)
+    return per_sample.mean()
+
+
+def _log(run: Run, record: dict[str, Any], writer) -> None:
+    run.run_dir.append_metrics(record)
+    if writer is not None:
+        writer.add_scalar("loss", record["loss"], record["step"])
+        for name, value in record["lr"].items():
+            writer.add_scalar(f"lr/{name}", value, record["step"])
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def _tensorboard(run_dir: RunDir):
+    # the one optional import: tensorboard is a dependency, but a run must not die for a log
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir.tensorboard))
+
+
+def _diverged_message(run: Run, loss: float) -> str:
+    last = run.run_dir.latest_checkpoint()
+    kept = (
+        f"the last good checkpoint is {last[1].path}" if last else "no checkpoint was written yet"
+    )
+    return (
+        f"the loss became {loss} at step {run.step + 1}; training stopped and {kept}. "
+        f"Lower the learning rate (now {run.lr:g}, --lr) or use --set mixed_precision=no"
+    )
+
+
+def checkpoint(run: Run) -> None:
+    """Save ``checkpoints/step-NNNNNN`` of the current step (the main process writes it)."""
+    if run.accelerator.is_main_process:
+        save_checkpoint(run.run_dir, run.step, _training_state(run), keep=run.cfg.keep_checkpoints)
+
+
+# ----------------------------------------------------------------------- validation samples
+def validate_samples(run: Run, tag: str | None = None) -> list[Path]:
+    """The concept's validation prompts with the validation seeds, drawn with the live modules
+    into ``samples/<tag>`` (default: the current step's)."""
+    if not run.accelerator.is_main_process:
+        return []
+    cfg = run.cfg
+    pipe = sampling_pipeline(
+        run.pipe,
+        text_encoder=run.accelerator.unwrap_model(run.text_encoder),
+        unet=run.accelerator.unwrap_model(run.unet),
+    )
+    settings = SampleSettings(
+        steps=cfg.sample_steps,
+        guidance_scale=cfg.guidance_scale,
+        negative_prompt=cfg.negative_prompt,
+        height=cfg.resolution,
+        width=cfg.resolution,
+    )
+    out = run.run_dir.samples(tag or step_tag(run.step))
+    with run.accelerator.autocast():
+        return write_samples(pipe, run.concept.prompts(), cfg.validation_seeds, settings, out)
+
+
+# --------------------------------------------------------------------------------- outputs
+def save_outputs(run: Run) -> dict[str, Path]:
+    """lora.safetensors, lora_kohya.safetensors, embeddings.safetensors, gsnr.json."""
+    acc, cfg = run.accelerator, run.cfg
+    if not acc.is_main_process:
+        return {}
+    unet = acc.unwrap_model(run.unet)
+    text_encoder = acc.unwrap_model(run.text_encoder)
+    bake_token_embeddings(text_encoder)
+    optimizer = _unwrap_optimizer(run.optimizer)
+    metadata = {
+        "optimizer": cfg.optimizer,
+        "learning_rate": f"{run.lr:g}",
+        "max_train_steps": str(run.step),
+        "resolution": str(cfg.resolution),
+        "sai_rank": str(cfg.rank),
+        "sai_alpha": f"{cfg.alpha:g}",
+        "sai_base_model": str(cfg.base_model),
+        "sai_base_model_hash": run.base_fingerprint,
+        "sai_concept": run.concept.name,
+        "sai_token": run.concept.token,
+    }
+    gsnr = None
+    if isinstance(optimizer, SGDSaI):
+        gsnr = optimizer.gsnr_table({p: n for n, p in run.trainable.items()})
+        metadata["sai_gsnr_scales"] = json.dumps({r["name"]: r["scale"] for r in gsnr})
+    elif cfg.optimizer.startswith("scaled-"):
+        metadata["sai_scaled_variant"] = f"peft create_riemannian_optimizer reg={cfg.scaled_reg:g}"
+    files = save_lora(
+        run.run_dir.path,
+        unet=unet,
+        text_encoder=text_encoder if cfg.text_encoder_lora else None,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        text_encoder_alpha=cfg.text_encoder_alpha,
+        metadata=metadata,
+    )
+    files["embeddings"] = save_embeddings(
+        run.run_dir.embeddings,
+        tokenizer=run.pipe.tokenizer,
+        text_encoder=text_encoder,
+        tokens=[run.concept.token],
+    )
+    if gsnr is not None:
+        run.run_dir.write_gsnr(gsnr)
+    return files
+
+
+# ------------------------------------------------------------------------------ entry point
+def default_run_dir(cfg: TrainConfig, concept: Concept) -> Path:
+    """``runs/<concept>/<optimizer>-lr<lr>-s<seed>-<date>-<time>``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return (
+        Path("runs")
+        / concept.name
+        / f"{cfg.optimizer}-lr{cfg.resolved_lr(concept):g}-s{cfg.seed}-{stamp}"
+    )
+
+
+def run_training(
+    cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = False
+) -> Path:
+    """Set up, train, save: the whole job. Returns the run directory.
+
+    Raises:
+        UserError: bad input (see ``setup``), or a non-empty ``run_dir`` without ``resume``.
+        TrainingDiverged: the loss became NaN or inf.
+    """
+    run_dir = Path(run_dir)
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(
+            f"output folder {run_dir} is not empty; choose another --output-dir "
+            f"or continue it with --resume {run_dir}"
+        )
+    run = setup(cfg, concept, run_dir, resume=resume)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs have proved good
+    run.run_dir.write_config(
+        cfg,
+        concept,
+        {"lr": run.lr, "base_model_hash": run.base_fingerprint, "token_ids": run.token_ids},
+    )
+    train(run)
+    validate_samples(run, tag=FINAL_SAMPLES)
+    save_outputs(run)
+    return run_dir

@@ -1,0 +1,171 @@
+"""Who imports whom in sai_diffusion (and the app), read from the code, drawn as a Mermaid graph.
+
+    python scripts/architecture.py                      # print the graph
+    python scripts/architecture.py --write docs/dev/architecture.md
+    python scripts/architecture.py --check docs/dev/architecture.md   # exit 1 when stale
+
+Every ``import`` and ``from ... import`` of every module counts, those inside functions too (a
+lazy import is still a dependency). Modules are grouped into the parts the architecture names
+(``PARTS``); an arrow A --> B means some module of A imports one of B (arrows into ``core``,
+which every part uses, are left out). The picture in
+docs/dev/architecture.md sits between ``BEGIN_MARK`` and ``END_MARK`` and a test keeps it equal
+to what this script draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN_MARK = "<!-- imports: begin (python scripts/architecture.py --write) -->"
+END_MARK = "<!-- imports: end -->"
+
+# The layers, lowest first: a part may import the parts of lower layers only; the base-model
+# resolver (models.base) may import the miniature package for the one name "miniature".
+LAYERS = [
+    ["core"], ["optim"], ["config"], ["files"], ["models"], ["training", "compare"],
+    ["miniature"], ["cli", "app"],
+]  # fmt: skip
+ALLOWED_UPWARD = {("sai_diffusion.models.base", "sai_diffusion.miniature")}
+
+# part -> the modules in it (by dotted-name prefix), lowest layer first
+PARTS = {
+    "core": [
+        "sai_diffusion.errors",
+        "sai_diffusion.fsutil",
+        "sai_diffusion._resources",
+        "sai_diffusion.machine",
+    ],
+    "optim": ["sai_diffusion.optim"],
+    "config": ["sai_diffusion.config"],
+    "files": ["sai_diffusion.files"],
+    "models": ["sai_diffusion.models"],
+    "training": ["sai_diffusion.training"],
+    "compare": ["sai_diffusion.compare"],
+    "miniature": ["sai_diffusion.miniature"],
+    "cli": ["sai_diffusion.cli"],
+    "app": ["app"],
+}
+
+
+def module_name(path: Path) -> str:
+    """``sai_diffusion/files/run_dir.py`` -> ``sai_diffusion.files.run_dir``."""
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path, ours: set[str]) -> set[str]:
+    """The modules of ``ours`` that ``path`` imports (relative imports resolved), anywhere in
+    the file: ``from .files import ldm`` imports ``...files.ldm``, ``from .files.ldm import
+    save_single_file`` imports ``...files.ldm`` too."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package[: len(package) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                module = f"{base}.{alias.name}"
+                found.add(module if module in ours else base)
+    return {m for m in found if m in ours}
+
+
+def part_of(module: str) -> str | None:
+    for part, prefixes in PARTS.items():
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return part
+    return None
+
+
+def source_files() -> list[Path]:
+    return sorted([*(REPO / "sai_diffusion").rglob("*.py"), *(REPO / "app").glob("*.py")])
+
+
+def module_edges() -> dict[str, set[str]]:
+    """Every module of ours -> the modules of ours it imports."""
+    ours = {module_name(p) for p in source_files()}
+    edges = {}
+    for path in source_files():
+        if path.name == "_build.py":  # setuptools' build hook, never imported by the library
+            continue
+        if path == REPO / "sai_diffusion" / "__init__.py":  # the version string alone
+            continue
+        name = module_name(path)
+        edges[name] = imports_of(path, ours) - {name}
+    return edges
+
+
+def part_edges() -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """(part, part) -> the module-to-module imports that join them."""
+    joined: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+    for source, targets in module_edges().items():
+        a = part_of(source)
+        for target in sorted(targets):
+            b = part_of(target)
+            if a and b and a != b:
+                joined[(a, b)].append((source, target))
+    return dict(joined)
+
+
+def mermaid() -> str:
+    """The parts as boxes and an arrow where one imports the other; the allowed upward import
+    (the resolver of the name "miniature") dotted. Arrows into ``core`` are left out: every
+    part uses it."""
+    order = list(PARTS)
+    lines = ["```mermaid", "graph TD"]
+    edges = sorted(part_edges().items(), key=lambda e: (order.index(e[0][0]), order.index(e[0][1])))
+    for (a, b), pairs in edges:
+        if b == "core":
+            continue
+        arrow = '-.->|"the name miniature"|' if set(pairs) <= ALLOWED_UPWARD else "-->"
+        lines.append(f"    {a} {arrow} {b}")
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def _replace_block(text: str, block: str) -> str:
+    start, end = text.index(BEGIN_MARK) + len(BEGIN_MARK), text.index(END_MARK)
+    return text[:start] + "\n" + block + "\n" + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--write", type=Path, help="replace the graph in this Markdown file")
+    group.add_argument("--check", type=Path, help="exit 1 if this file's graph is stale")
+    args = p.parse_args(argv)
+    block = mermaid()
+    target = args.write or args.check
+    if target is None:
+        print(block)
+        return 0
+    text = target.read_text(encoding="utf-8")
+    if BEGIN_MARK not in text or END_MARK not in text:
+        print(f"{target}: no {BEGIN_MARK} ... {END_MARK} block", file=sys.stderr)
+        return 2
+    updated = _replace_block(text, block)
+    if args.check:
+        if updated != text:
+            print(f"{target}: the import graph is stale; run: python scripts/architecture.py "
+                  f"--write {target}", file=sys.stderr)  # fmt: skip
+            return 1
+        return 0
+    target.write_text(updated, encoding="utf-8")
+    print(f"wrote the import graph into {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

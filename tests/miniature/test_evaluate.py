@@ -1,0 +1,300 @@
+"""The built-in demo end to end: the shipped miniature model as the default base model, the
+demo concept, ``sai-eval`` and its scoring.
+
+The CLIs run as real processes on the shipped weights (configs/miniature) and the shipped
+judge; the scoring rules are checked on rendered world images, whose content is known.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sai_diffusion import cli as cli_module
+from sai_diffusion import config
+from sai_diffusion.errors import UserError
+from sai_diffusion.miniature import evaluate, miniature_dir, world
+from sai_diffusion.miniature.evaluate import HEADLINE, evaluate_run, judged_object, score_images
+from sai_diffusion.miniature.judge import Judge
+from sai_diffusion.miniature.model import generate_images
+from sai_diffusion.models.base import load_base_model
+from sai_diffusion.models.sampling import generate_batch
+from tests.helpers import make_concept, train_tiny
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run an installed entry point (or its module function) as its own process."""
+    script = Path(sys.executable).parent / name
+    entry = {"sai-train-lora": "train_entry", "sai-eval": "eval_entry"}[name]
+    command = [str(script)] if script.is_file() else [
+        sys.executable, "-c", f"from sai_diffusion.cli import {entry}; {entry}()"
+    ]  # fmt: skip
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+@pytest.fixture(scope="module")
+def judge() -> Judge:
+    return Judge.load()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """``sai-train-lora --concept demo`` with no --base-model: 6 steps, in a real process."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    proc = cli("sai-train-lora", "--concept", "demo", "--max-steps", "6", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+# ------------------------------------------------------------------ the shipped base model
+def test_the_miniature_model_is_shipped_under_25_mb_with_the_record_of_these_weights():
+    """pretrain.json describes the weights beside it: their parameter counts, their latent
+    scale and the object they never saw (its judge scores are measured in the next test)."""
+    folder = miniature_dir()
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size <= 25 * 1024 * 1024
+    record = json.loads((folder / "pretrain.json").read_text(encoding="utf-8"))
+    assert record["command"].startswith("python scripts/pretrain_world.py")
+    pipe = load_base_model(folder)
+    counts = {
+        n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in record["parameters"]
+    }
+    assert counts == record["parameters"] and set(counts) == {"unet", "vae", "text_encoder"}
+    assert pipe.vae.config.scaling_factor == pytest.approx(record["vae_scaling_factor"])
+    assert record["held_out_object"] == world.HELD_OUT
+
+
+def test_the_shipped_model_draws_what_it_is_asked_and_not_the_held_out_object(judge):
+    """The judge reads a few prompts of the shipped model: the object, colour and background
+    asked for come out, and "heart", never seen in pretraining, does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = load_base_model("miniature")
+        seeds = [0, 1, 2, 3]
+        asked = [world.Scene("star", "red", "white"), world.Scene("moon", "yellow", "black"),
+                 world.Scene("square", "blue", "dots")]  # fmt: skip
+        right = 0
+        for scene in asked:
+            verdicts = judge.predict(generate_images(pipe, world.caption(scene), seeds))
+            right += sum(v["object"] == scene.object and v["colour"] == scene.colour
+                         and v["background"] == scene.background for v in verdicts)  # fmt: skip
+        hearts = judge.predict(generate_images(pipe, "a photo of a red heart", seeds))
+    finally:
+        torch.set_num_threads(threads)
+    assert right >= 0.6 * len(asked) * len(seeds)
+    assert sum(v["object"] == "heart" for v in hearts) <= 1
+
+
+def test_miniature_is_the_default_base_model_and_the_name_resolves():
+    assert config.TrainConfig().base_model == "miniature"
+    cfg, concept = config.resolve("demo", {}, [])
+    assert cfg.base_model == "miniature" and cfg.resolution == 32
+    assert concept.evaluation["object"] == world.HELD_OUT
+
+
+# ------------------------------------------------------------------ the demo, end to end
+def test_demo_trains_without_a_base_model_and_evaluates(demo_run):
+    saved = yaml.safe_load((demo_run / "run.yaml").read_text(encoding="utf-8"))
+    assert saved["config"]["base_model"] == "miniature"
+    assert (demo_run / "lora.safetensors").is_file()
+
+    proc = cli("sai-eval", str(demo_run), "--seeds", "0", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    line = json.loads(lines[0])
+    for key in HEADLINE:
+        assert 0.0 <= line[key] <= 1.0, key
+    assert line["prompt_fidelity"] <= line["concept_fidelity"]
+    assert line["object"] == "heart" and line["concept"] == "demo"
+    n_prompts = len(config.load_concept("demo").evaluation["prompts"])
+    assert line["images"] == 2 * n_prompts
+
+    saved = json.loads((demo_run / "eval.json").read_text(encoding="utf-8"))
+    assert {k: saved[k] for k in HEADLINE} == {k: line[k] for k in HEADLINE}
+    assert len(saved["per_prompt"]) == n_prompts
+    sketch = next(p for p in saved["per_prompt"] if "sketch" in p["prompt"])
+    assert sketch["asks"] == {"colour": None, "background": None, "style": world.SKETCH}
+    assert len(sketch["run"]["judged"]) == len(sketch["base"]["judged"]) == 2
+
+
+def test_eval_is_deterministic_and_can_skip_the_base_model(demo_run):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = evaluate_run(demo_run, seeds=[3], with_base=False, write=False)
+        again = evaluate_run(demo_run, seeds=[3], with_base=False, write=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert first["per_prompt"] == again["per_prompt"]
+    assert first["base_concept_fidelity"] is None and first["images"] == len(first["per_prompt"])
+    assert "base" not in first["per_prompt"][0]
+
+
+@pytest.mark.slow  # four evaluations of the demo run: ~13 s
+def test_runs_on_one_base_model_share_its_images(demo_run, monkeypatch):
+    """sai-eval RUN_DIR... generates the base model's images once, and scores them the same."""
+    prompts_generated = []
+
+    def counting(pipe, prompt, *args, **kwargs):  # the real generator, counted
+        prompts_generated.append(prompt)
+        return generate_batch(pipe, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_batch", counting)
+    n_prompts = len(config.load_concept("demo").evaluation["prompts"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        uncached = evaluate_run(demo_run, seeds=[5], write=False)
+        assert len(prompts_generated) == 2 * n_prompts  # the run's and the base model's
+        cache: dict = {}
+        first = evaluate_run(demo_run, seeds=[5], write=False, base_cache=cache)
+        second = evaluate_run(demo_run, seeds=[5], write=False, base_cache=cache)
+        other_seed = evaluate_run(demo_run, seeds=[6], write=False, base_cache=cache)
+    finally:
+        torch.set_num_threads(threads)
+    # 2 x n for the first cached call, n for the second, 2 x n again for a new seed
+    assert len(prompts_generated) == 2 * n_prompts + 2 * n_prompts + n_prompts + 2 * n_prompts
+    token = config.load_concept("demo").token
+    assert sum(token not in p for p in prompts_generated) == 3 * n_prompts  # base prompts
+    assert len(cache) == 2 and all(len(images) == n_prompts for images in cache.values())
+    for report in (first, second):
+        assert report["per_prompt"] == uncached["per_prompt"]
+        assert report["base_concept_fidelity"] == uncached["base_concept_fidelity"]
+    assert other_seed["settings"]["seeds"] == [6] and "base" in other_seed["per_prompt"][0]
+
+
+def test_eval_refuses_a_concept_without_evaluation_and_a_non_run(
+    tmp_path, tiny_pipeline_dir, capsys
+):
+    run = train_tiny(make_concept(tmp_path), tiny_pipeline_dir, tmp_path / "run", "sgd-sai")
+    proc = cli("sai-eval", str(run))  # a real process: exit code 2, one line, no traceback
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "has no evaluation section" in errors[0]
+    assert "sai-compare" in errors[0]
+
+    assert cli_module._run(cli_module.eval_main, [str(tmp_path)]) == 2
+    assert "run.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "eval.json").exists() and not (run / "eval.json").exists()
+
+
+# ------------------------------------------------------------------ scoring rules
+def _renders(obj: str, colour: str | None, background: str | None, n: int = 3):
+    import numpy as np
+
+    style = world.SKETCH if colour is None else world.PHOTO
+    scene = world.Scene(obj, colour, background, style)
+    rng = np.random.default_rng(7)
+    return [world.render(scene, size=32, rng=rng) for _ in range(n)]
+
+
+def test_scores_count_the_concept_and_what_the_prompt_asked(judge):
+    rows = [
+        # asked yellow on grass: drawn right (3), then a red heart on white (3 wrong colour)
+        ("a photo of a yellow {token} on grass", _renders("heart", "yellow", "grass"),
+         _renders("star", "yellow", "grass")),
+        ("a photo of a yellow {token} on grass", _renders("heart", "red", "white"),
+         _renders("heart", "yellow", "grass")),
+        # a sketch asked, a sketch of the heart drawn
+        ("a pencil sketch of {token}", _renders("heart", None, None),
+         _renders("circle", None, None)),
+    ]  # fmt: skip
+    report = score_images(judge, "heart", rows)
+    assert report["images"] == 9
+    assert report["concept_fidelity"] == 1.0
+    assert report["prompt_fidelity"] == round(6 / 9, 4)
+    assert report["base_concept_fidelity"] == round(3 / 9, 4)
+    assert report["base_prompt_fidelity"] == round(3 / 9, 4)
+    assert [p["run"]["prompt_fidelity"] for p in report["per_prompt"]] == [1.0, 0.0, 1.0]
+
+
+def test_without_base_images_the_base_scores_are_none(judge):
+    rows = [("a photo of {token}", _renders("heart", "blue", "white"), None)]
+    report = score_images(judge, "heart", rows)
+    assert report["base_concept_fidelity"] is None and report["concept_fidelity"] == 1.0
+
+
+def test_prompt_asks_reads_colour_background_and_style():
+    asks = world.prompt_asks
+    assert asks("a photo of a yellow {token} on grass", "{token}") == {
+        "colour": "yellow", "background": "grass", "style": world.PHOTO}  # fmt: skip
+    assert asks("an orange <V> on a dotted background", "<V>") == {
+        "colour": "orange", "background": "dots", "style": None}  # fmt: skip
+    assert asks("a pencil sketch of <V>", "<V>") == {
+        "colour": None, "background": None, "style": world.SKETCH}  # fmt: skip
+    # a colour word elsewhere is not the object's colour
+    assert asks("a photo of a <V> on a blue background", "<V>")["colour"] is None
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"object": 3, "prompts": ["a {token}"]}, "evaluation.object must be the name"),
+        ({"object": "heart", "prompts": ["a photo"]}, "with {token}"),
+        ({"object": "heart", "prompts": ["a {token}"], "seed": [1]}, "did you mean 'seeds'"),
+        ({"object": "heart", "prompts": ["a {token}"], "seeds": []}, "seeds must be"),
+        ({"object": "heart", "prompts": ["a {token}"], "steps": 0}, "steps must be"),
+    ],
+)
+def test_a_bad_evaluation_section_names_the_file_and_the_fix(tmp_path, section, message):
+    path = make_concept(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "evaluation": section}))
+    with pytest.raises(UserError, match=message) as info:
+        config.load_concept(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_an_object_the_world_lacks_is_refused_before_training(tmp_path, capsys):
+    """The settings check the section's shape; the miniature package checks the object, and
+    sai-train-lora asks it before any model loads (exit 2, no run folder)."""
+    path = make_concept(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    path.write_text(
+        yaml.safe_dump({**data, "evaluation": {"object": "unicorn", "prompts": ["a {token}"]}})
+    )
+    concept = config.load_concept(str(path))  # a name is all the settings know
+    with pytest.raises(UserError, match="evaluation.object must name") as info:
+        judged_object(concept)
+    assert str(path) in str(info.value) and "heart" in str(info.value)
+
+    out = tmp_path / "run"
+    code = cli_module._run(
+        cli_module.train_main, ["--concept", str(path), "--output-dir", str(out)]
+    )
+    assert code == 2 and "unicorn" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.slow  # the benchmark script twice, with its worker pool: ~20 s
+def test_quality_benchmark_writes_its_table_and_plot_and_resumes(tmp_path):
+    """scripts/bench_quality.py at its smallest: one optimizer, two lrs, one seed, 2 steps."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_quality.py"), "--optimizers", "sgd-sai",
+           "--lrs", "0.1,1", "--seeds", "0", "--steps", "2", "--eval-seeds", "0", "--workers", "1", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["optimizer"], r["lr"], r["seed"]) for r in results) == [
+        ("sgd-sai", 0.1, 0), ("sgd-sai", 1.0, 0)]  # fmt: skip
+    assert all(0 <= r["concept_fidelity"] <= 1 and r["steps"] == 2 for r in results)
+    table = (out / "results.md").read_text()
+    assert "| sgd-sai |" in table and "base model (no LoRA)" in table and "Peak concept" in table
+    assert (out / "quality.png").stat().st_size > 10_000
+    base = json.loads((out / "base.json").read_text())
+    assert set(base) == {"concept_fidelity", "prompt_fidelity", "eval_seeds"}
+    assert base["eval_seeds"] == [0]
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert again.returncode == 0 and "0 runs to train (2 already in" in again.stdout

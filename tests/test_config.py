@@ -1,0 +1,41 @@
+"""config: the concept YAMLs and the training settings, checked before any model loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from sai_diffusion import config
+from sai_diffusion.config import TrainConfig, load_concept
+from sai_diffusion.errors import UserError
+
+
+def test_every_shipped_concept_config_loads():
+    """configs/concepts/*.yaml parse, type-check and name an existing optimizer lr table."""
+    names = config.available_concepts()
+    assert {"potter", "hermione"} <= set(names)
+    for name in names:
+        c = load_concept(name)
+        assert "{token}" in " ".join(c.validation_prompts)
+        assert any("pencil sketch" in p for p in c.validation_prompts)
+        config.apply_overrides(TrainConfig(), c.train, name)
+    assert load_concept("potter").lr["sgd-sai"] == 0.1
+
+
+def test_settings_come_in_precedence_order_and_typos_get_the_closest_name(tmp_path):
+    """Defaults < the concept's train: < flags < --set; an unknown or retired key is refused
+    with the name it was probably meant to be."""
+    demo = load_concept("demo").train
+    cfg, _ = config.resolve("demo", {"lr": None}, [])
+    assert (cfg.rank, cfg.max_steps) == (demo["rank"], demo["max_steps"]) != (4, 500)
+    cfg, _ = config.resolve("demo", {"rank": 8}, [])
+    assert cfg.rank == 8  # a flag beats the concept
+    cfg, _ = config.resolve("demo", {"rank": 8}, ["rank=12", "lora_targets=to_q,to_v"])
+    assert cfg.rank == 12 and cfg.lora_targets == ["to_q", "to_v"]  # --set beats a flag
+    with pytest.raises(UserError, match="did you mean 'max_steps'"):
+        config.resolve("demo", {}, ["max_step=3"])
+    with pytest.raises(UserError, match="did you mean 'grad_accum'"):
+        config.resolve("demo", {}, ["gradient_accumulation_steps=2"])
+    with pytest.raises(UserError, match="unknown setting 'num_workers'"):
+        config.resolve("demo", {}, ["num_workers=2"])  # dead settings are gone
+    with pytest.raises(UserError, match="'rank' must be int, got 'four'"):
+        config.resolve("demo", {}, ["rank=four"])
