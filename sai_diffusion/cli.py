@@ -123,7 +123,7 @@ def _check_judged_object(concept: config.Concept) -> None:
     """A miniature-world concept names the object its judge looks for: check it before
     training, not when sai-eval runs."""
     if concept.evaluation and "object" in concept.evaluation:
-        from .miniature.evaluate import judged_object
+        from .miniature.concept import judged_object
 
         judged_object(concept)
 

@@ -30,8 +30,10 @@ from pathlib import Path
 
 # Torch-free imports only up here: the workers are forked, and each sets its one thread before
 # it loads torch (train_and_score imports the training parts itself).
-from sai_diffusion.errors import TrainingDiverged
+from sai_diffusion import config
+from sai_diffusion.errors import TrainingDiverged, UserError
 from sai_diffusion.files.run_dir import RunDir
+from sai_diffusion.miniature.concept import judged_object
 from sai_diffusion.optim import OPTIMIZERS
 
 DEFAULT_OPTIMIZERS = tuple(o for o in OPTIMIZERS if o != "scaled-sgd")  # the paper's four
@@ -55,6 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     optimizers = args.optimizers.split(",")
+    try:  # before any run: a sweep must not train for an hour and then fail on its settings
+        judged_object(config.load_concept(args.concept))
+        unknown = [o for o in optimizers if o not in OPTIMIZERS]
+        if unknown:
+            raise UserError(f"--optimizers: unknown {unknown}; choose from {', '.join(OPTIMIZERS)}")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     lrs = [float(v) for v in args.lrs.split(",")]
     seeds = [int(v) for v in args.seeds.split(",")]
     eval_seeds = None if args.eval_seeds is None else [int(v) for v in args.eval_seeds.split(",")]
@@ -106,7 +116,6 @@ def train_and_score(
     eval_seeds: list[int] | None = None,
 ) -> dict:
     """Train one run in this process and let the judge score it (no base model)."""
-    from sai_diffusion import config
     from sai_diffusion.miniature.evaluate import evaluate_run
     from sai_diffusion.training.recipe import run_training
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import diffusers
 
-from sai_diffusion._resources import configs_dir
 from sai_diffusion.fsutil import write_json
 from sai_diffusion.miniature import clip_vocab
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout whose configs/ this writes
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
@@ -145,7 +146,7 @@ def write_sd15_config(out_dir: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=configs_dir() / "sd15")
+    parser.add_argument("--out", type=Path, default=REPO / "configs" / "sd15")
     args = parser.parse_args()
     out = write_sd15_config(args.out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

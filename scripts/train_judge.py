@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from sai_diffusion._resources import configs_dir
 from sai_diffusion.fsutil import write_json
 from sai_diffusion.machine import describe_machine
 from sai_diffusion.miniature import world
@@ -44,6 +43,8 @@ from sai_diffusion.miniature.judge import (
     uint8_to_input,
     world_labels,
 )
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout whose configs/ this writes
 
 IGNORE = -100  # cross_entropy's ignore_index: colour and background of a sketch
 TEST_SEED_OFFSET = 10_000  # test scenes: seed + 10,000; the tests in tests/world use 20,000+
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--widths", default="24,48,96", help="channels of the three conv stages")
     p.add_argument("--test-size", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--out", type=Path, default=configs_dir() / "judge")
+    p.add_argument("--out", type=Path, default=REPO / "configs" / "judge")
     return p.parse_args(argv)
 
 

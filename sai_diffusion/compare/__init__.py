@@ -7,7 +7,7 @@ The names below are the library API that ``sai-compare`` and the app are built o
     from sai_diffusion.compare import Comparer, find_runs, load_run_info, make_grid, write_report
 """
 
-from ..files.run_dir import RunInfo, find_runs, load_run_info
+from ..files.run_dir import EVAL_FILE, RunInfo, find_runs, load_run_info
 from ..models.sampling import SCHEDULER
 from .comparer import Comparer, Comparison
 from .grid import GridLayout, grid_layout, make_grid
@@ -15,6 +15,6 @@ from .labels import BASE_ROW, row_labels
 from .report import write_report
 
 __all__ = [
-    "BASE_ROW", "SCHEDULER", "Comparer", "Comparison", "GridLayout", "RunInfo", "find_runs",
+    "BASE_ROW", "EVAL_FILE", "SCHEDULER", "Comparer", "Comparison", "GridLayout", "RunInfo", "find_runs",
     "grid_layout", "load_run_info", "make_grid", "row_labels", "write_report",
 ]  # fmt: skip

@@ -29,14 +29,14 @@ from typing import Any
 from PIL import Image
 
 from ..compare.comparer import Comparer
-from ..config import Concept
 from ..errors import UserError
 from ..files.run_dir import RunDir, load_run_info
 from ..models.sampling import SCHEDULER, SampleSettings, generate_batch
 from . import world
+from .concept import judged_object
 from .judge import Judge, describe
 
-__all__ = ["HEADLINE", "evaluate_run", "headline", "judged_object", "score_images"]
+__all__ = ["HEADLINE", "evaluate_run", "headline", "score_images"]
 
 HEADLINE = ("concept_fidelity", "prompt_fidelity", "base_concept_fidelity", "base_prompt_fidelity")
 
@@ -122,31 +122,6 @@ def evaluate_run(
     if write:
         run.write_scores(report)
     return report
-
-
-def judged_object(concept: Concept, *, run_dir: Path | None = None) -> str:
-    """The world object a miniature-world concept's token stands for (its ``evaluation``
-    section's ``object``), checked against the world.
-
-    Raises:
-        UserError: the concept has no evaluation section or no object (it is not of the
-            miniature world), or the object is not one of the world's.
-    """
-    spec = concept.evaluation
-    obj = (spec or {}).get("object")
-    if obj is None:
-        where = f"{run_dir}: the concept" if run_dir is not None else "The concept"
-        raise UserError(
-            f"{where} '{concept.name}' ({concept.path}) has no evaluation section naming a "
-            "world object. sai-eval scores concepts of the built-in miniature world (e.g. "
-            "--concept demo) with its judge; compare other runs by eye with sai-compare."
-        )
-    if obj not in world.OBJECTS:
-        raise UserError(
-            f"{concept.path}: evaluation.object must name the world object the token stands "
-            f"for, one of {', '.join(world.OBJECTS)}; got {obj!r}"
-        )
-    return obj
 
 
 def score_images(judge, obj: str, rows: Sequence[tuple[str, list, list | None]]) -> dict[str, Any]:

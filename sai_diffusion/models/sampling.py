@@ -1,5 +1,7 @@
 """Image generation with fixed seeds: validation during training, ``sai-sample``, comparisons and
-evaluation all sample through here, with DPM-Solver++ as Mix-of-Show samples.
+evaluation all sample through here. ``sampling_pipeline`` puts a pipeline under DPM-Solver++, as
+Mix-of-Show samples (validation, comparisons, evaluation); ``sai-sample`` keeps the base model's
+own scheduler.
 
 A seed means the same image on every device: each seed's latents are drawn alone on the CPU,
 then moved to the model. ``generate`` makes one image; ``generate_batch`` makes one per seed in

@@ -286,8 +286,8 @@ def _unwrap_optimizer(optimizer):
 
 # ------------------------------------------------------------------------------ the loop
 def train(run: Run) -> None:
-    """Train from ``run.step`` to ``max_steps``: log every step, sample and checkpoint on
-    schedule, and end with a checkpoint of the last step.
+    """Train from ``run.step`` to ``max_steps``: log every ``log_every`` steps (and the last),
+    sample and checkpoint on schedule, and end with a checkpoint of the last step.
 
     Raises:
         TrainingDiverged: the loss became NaN or inf (the last good checkpoint is kept).

@@ -20,7 +20,8 @@ from sai_diffusion import cli as cli_module
 from sai_diffusion import config
 from sai_diffusion.errors import UserError
 from sai_diffusion.miniature import evaluate, miniature_dir, world
-from sai_diffusion.miniature.evaluate import HEADLINE, evaluate_run, judged_object, score_images
+from sai_diffusion.miniature.concept import judged_object
+from sai_diffusion.miniature.evaluate import HEADLINE, evaluate_run, score_images
 from sai_diffusion.miniature.judge import Judge
 from sai_diffusion.miniature.model import generate_images
 from sai_diffusion.models.base import load_base_model
