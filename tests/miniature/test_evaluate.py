@@ -278,6 +278,18 @@ def test_an_object_the_world_lacks_is_refused_before_training(tmp_path, capsys):
     assert code == 2 and "unicorn" in capsys.readouterr().err and not out.exists()
 
 
+def test_quality_benchmark_refuses_bad_settings_before_any_run(tmp_path):
+    """An unknown optimizer, or a concept the judge cannot score, ends the sweep at once."""
+    script = str(REPO / "scripts" / "bench_quality.py")
+    proc = subprocess.run([sys.executable, script, "--optimizers", "sgd-sai,adam", "--out",
+                           str(tmp_path / "b")], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "unknown ['adam']" in proc.stderr
+    assert not (tmp_path / "b").exists()
+    proc = subprocess.run([sys.executable, script, "--concept", "potter", "--out",
+                           str(tmp_path / "b")], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "no evaluation section naming a world object" in proc.stderr
+
+
 @pytest.mark.slow  # the benchmark script twice, with its worker pool: ~20 s
 def test_quality_benchmark_writes_its_table_and_plot_and_resumes(tmp_path):
     """scripts/bench_quality.py at its smallest: one optimizer, two lrs, one seed, 2 steps."""
