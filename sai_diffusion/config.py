@@ -152,14 +152,12 @@ def closest(key: str, valid) -> str:
     """`` (did you mean 'x'?)`` for the valid name nearest ``key``, or "". Another trainer's
     name for a setting (``_ALIASES``) wins over spelling likeness."""
     valid = list(valid)
-    match = [_ALIASES[key]] if _ALIASES.get(key) in valid else []
-    match = match or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not match:
-        alias = _ALIASES.get(key) or next(
-            iter(difflib.get_close_matches(key, list(_ALIASES), n=1, cutoff=0.8)), None
-        )
-        alias = _ALIASES.get(alias, alias)
-        match = [alias] if alias in valid else []
+    if _ALIASES.get(key) in valid:
+        return f" (did you mean '{_ALIASES[key]}'?)"
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not match:  # a near-miss of another trainer's name
+        alias = next(iter(difflib.get_close_matches(key, list(_ALIASES), n=1, cutoff=0.8)), None)
+        match = [_ALIASES[alias]] if alias and _ALIASES[alias] in valid else []
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 

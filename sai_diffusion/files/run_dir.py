@@ -96,20 +96,14 @@ class Checkpoint:
 
 
 # ------------------------------------------------------------------------------ the folder
+@dataclass(frozen=True)
 class RunDir:
     """The files of one run folder (which need not exist yet)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+    path: Path
 
-    def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RunDir) and other.path == self.path
-
-    def __hash__(self) -> int:
-        return hash(self.path)
+    def __post_init__(self) -> None:  # accept a str or any path-like
+        object.__setattr__(self, "path", Path(self.path))
 
     # -- paths
     @property

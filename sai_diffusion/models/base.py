@@ -25,7 +25,6 @@ from .._resources import sd15_config_dir
 from ..config import BUILTIN_BASE_MODEL, TrainConfig
 from ..errors import UserError, first_line
 from ..files import ldm
-from ..files.ldm import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ..miniature import miniature_dir  # the package's light __init__: a folder name, no world
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
@@ -262,8 +261,9 @@ def _check_single_file(path: Path) -> None:
             f"{path} is {family} checkpoint; sai-diffusion trains {_SD_FAMILY} models only. "
             "Pick an SD 1.5-based checkpoint for --base-model."
         )
-    if any(k.startswith(UNET_PREFIX) for k in keys):
-        missing = [p for p in (VAE_PREFIX, TEXT_PREFIX) if not any(k.startswith(p) for k in keys)]
+    if any(k.startswith(ldm.UNET_PREFIX) for k in keys):
+        prefixes = (ldm.VAE_PREFIX, ldm.TEXT_PREFIX)
+        missing = [p for p in prefixes if not any(k.startswith(p) for k in keys)]
         if missing:
             raise UserError(
                 f"{path} holds a UNet but no {' or '.join(missing)}* weights: it is not a "

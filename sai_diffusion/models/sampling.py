@@ -95,17 +95,7 @@ def generate(
     pipe: StableDiffusionPipeline, prompt: str, seed: int, settings: SampleSettings
 ) -> Image.Image:
     """One image; the same (prompt, seed, settings) gives the same image on the same device."""
-    out = pipe(
-        prompt,
-        negative_prompt=settings.negative_prompt,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
-        height=settings.height,
-        width=settings.width,
-        latents=_latents(pipe, [seed], settings),
-        output_type="pil",
-    )
-    return out.images[0]
+    return generate_batch(pipe, prompt, [seed], settings)[0]
 
 
 def write_samples(
