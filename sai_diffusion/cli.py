@@ -10,6 +10,7 @@ answer at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -89,17 +90,12 @@ def train_main(argv: list[str] | None = None) -> int:
     }
     if args.resume:
         run_dir = _resume_dir(args.resume, args.output_dir)
-        cfg, concept, _ = RunDir(run_dir).read_config()
-        # only the length of a resumed run may change; anything else would break it
-        changed = {k: v for k, v in flags.items() if v is not None and k != "max_steps"}
-        if changed or args.set_items:
-            raise UserError(
-                f"--resume continues {run_dir} with its own {RUN_FILE}; only "
-                f"--max-steps may be given (got {', '.join(changed) or '--set'})"
-            )
+        run = RunDir(run_dir)
+        cfg, concept, _ = run.read_config()
+        _check_resume_settings(run, cfg, concept, args.concept, flags, args.set_items)
         if args.max_steps is not None:
             cfg.max_steps = args.max_steps
-        config.validate(cfg, str(RunDir(run_dir).run_yaml))
+        config.validate(cfg, str(run.run_yaml))
         from .training.recipe import run_training  # torch: only once the settings are good
 
         run_training(cfg, concept, run_dir, resume=True)
@@ -115,8 +111,46 @@ def train_main(argv: list[str] | None = None) -> int:
 
         run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(cfg, concept)
         run_training(cfg, concept, run_dir)
-    print(f"done: {run_dir}")
+    from accelerate import PartialState  # set up by the run: under DDP, say it once
+
+    if PartialState().is_main_process:
+        print(f"done: {run_dir}")
     return 0
+
+
+def _check_resume_settings(
+    run: RunDir,
+    cfg: config.TrainConfig,
+    concept: config.Concept,
+    concept_arg: str | None,
+    flags: dict[str, object],
+    set_items: list[str],
+) -> None:
+    """``--resume`` appended to the command that started the run is accepted (what people
+    type after a crash); a setting that differs from run.yaml is refused, naming both values.
+    Only the length (``--max-steps``) may change."""
+    given: dict[str, object] = {}
+    differ = []
+    if concept_arg:
+        named = config.load_concept(concept_arg)
+        if named.path != concept.path:
+            differ.append(f"concept: {concept.path} in {RUN_FILE}, {named.path} given")
+        given |= named.train
+    given |= {k: v for k, v in flags.items() if v is not None}
+    given |= config.parse_set(set_items)
+    given.pop("max_steps", None)
+    probe = config.apply_overrides(dataclasses.replace(cfg), given, "command line")
+    differ += [
+        f"{key}: {getattr(cfg, key)!r} in {RUN_FILE}, {getattr(probe, key)!r} given"
+        for key in given
+        if getattr(probe, key) != getattr(cfg, key)
+    ]
+    if differ:
+        raise UserError(
+            f"--resume {run.path}: the command differs from the run's {RUN_FILE} "
+            f"({'; '.join(differ)}); a resumed run keeps its settings (only --max-steps may "
+            "change): drop these, or start a new run in another --output-dir"
+        )
 
 
 def _check_judged_object(concept: config.Concept) -> None:
@@ -130,6 +164,11 @@ def _check_judged_object(concept: config.Concept) -> None:
 
 def _resume_dir(value: str, output_dir: str | None) -> Path:
     if value != "latest":
+        if output_dir and Path(output_dir).resolve() != Path(value).resolve():
+            raise UserError(
+                f"--resume {value} continues that folder, but --output-dir says {output_dir}; "
+                "give one folder (or --resume latest to pick the newest run under --output-dir)"
+            )
         run = RunDir(value)
         if not run.is_run:
             raise UserError(f"--resume {value}: not a run folder (no {run.run_yaml.name} in it)")
@@ -164,10 +203,6 @@ def sample_main(argv: list[str] | None = None) -> int:
         help=f"output folder (default: {RunDir('RUN').samples('sai-sample')})",
     )
     args = p.parse_args(argv)
-    from .files.lora_files import load_lora_into
-    from .models.base import load_base
-    from .models.sampling import SampleSettings, write_samples
-
     run = RunDir(args.run)
     cfg, concept, _ = run.read_config()
     if not run.is_finished:
@@ -175,6 +210,10 @@ def sample_main(argv: list[str] | None = None) -> int:
             f"{run.path} has no {run.lora.name}: the run has not finished; resume it "
             f"with sai-train-lora --resume {run.path}"
         )
+    from .files.lora_files import load_lora_into  # torch: only once the run proved good
+    from .models.base import load_base
+    from .models.sampling import SampleSettings, write_samples
+
     pipe = load_base(cfg)
     load_lora_into(pipe, run.path, weight=args.lora_weight)
     pipe.set_progress_bar_config(disable=True)  # samples with the base model's own scheduler
@@ -228,13 +267,13 @@ def compare_parser() -> argparse.ArgumentParser:
 
 def compare_main(argv: list[str] | None = None) -> int:
     args = compare_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: give a .png file name; the report is written beside it")
     from tqdm.auto import tqdm
 
     from .compare import SCHEDULER, Comparer, load_run_info, write_report
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out {out}: give a .png file name; the report is written beside it")
     runs = [load_run_info(Path(d)) for d in args.runs]
     comparer = Comparer(runs, device=args.device)
     per_prompt = len(args.seeds) * (len(runs) + int(args.with_base))
@@ -288,6 +327,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-base", action="store_true", help="skip the base model's scores")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     args = p.parse_args(argv)
+    for run_dir in args.run_dirs:  # before torch loads: a typo answers at once
+        RunDir(run_dir).read_config()
     from .miniature.evaluate import evaluate_run, headline
 
     base_cache: dict = {}  # runs on one base model share its images

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 
 from ._resources import configs_dir
-from .errors import UserError
+from .errors import UserError, first_line
 from .optim.names import OPTIMIZERS
 
 # Learning rates per optimizer when neither the concept nor the user gives one. SGD-SaI's scales
@@ -126,6 +127,37 @@ class TrainConfig:
         return float(concept.lr.get(self.optimizer, DEFAULT_LR[self.optimizer]))
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true / false. PyYAML follows YAML 1.1, which also
+    reads yes / no / on / off as booleans and so turned ``mixed_precision: no`` into False; here
+    a word stays a word, and a boolean setting accepts the words itself (``_coerce``)."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text (settings files, run.yaml, ``--set`` values) with 1.2 booleans."""
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader: no arbitrary objects
+
+
+def yaml_problem(error: Exception) -> str:
+    """A YAML parse error in one line: what is wrong and where (PyYAML's spans lines)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or first_line(error)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
 CHOICES = {
     "optimizer": OPTIMIZERS,
     "lr_scheduler": ("constant", "linear", "cosine"),
@@ -181,8 +213,8 @@ def _coerce(key: str, value: Any, where: str) -> Any:
                 raise TypeError
             return [item(v) for v in value]
         if base is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, str) and value.lower() in _TRUE_WORDS + _FALSE_WORDS:
+                return value.lower() in _TRUE_WORDS
             if not isinstance(value, bool):
                 raise TypeError
             return value
@@ -217,7 +249,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise UserError(f"--set {item!r}: expected key=value, e.g. --set noise_offset=0.01")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            out[key.strip()] = load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             out[key.strip()] = raw
     return out
@@ -306,9 +338,9 @@ def load_concept(name_or_path: str) -> Concept:
     """Read and check a concept YAML. ``data`` is relative to the YAML file."""
     path = find_concept(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid YAML ({exc})") from None
+        raise UserError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping with token, class_word and data")
     for key in raw:

@@ -54,6 +54,10 @@ def atomic_dir(path: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        for file in tmp.rglob("*"):  # on disk before the rename makes the folder count
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -39,3 +39,24 @@ def test_settings_come_in_precedence_order_and_typos_get_the_closest_name(tmp_pa
         config.resolve("demo", {}, ["num_workers=2"])  # dead settings are gone
     with pytest.raises(UserError, match="'rank' must be int, got 'four'"):
         config.resolve("demo", {}, ["rank=four"])
+
+
+def test_words_yaml_1_1_reads_as_booleans_stay_words(tmp_path):
+    """Guards ``--set mixed_precision=no`` being refused ("got 'False'"): YAML 1.1 reads
+    no/off/yes/on as booleans. A string setting takes the word, in --set and in YAML files;
+    a boolean setting still accepts the words; true/false stay booleans."""
+    cfg, _ = config.resolve("demo", {}, ["mixed_precision=no", "text_encoder_lora=on"])
+    assert cfg.mixed_precision == "no" and cfg.text_encoder_lora is True
+    cfg, _ = config.resolve("demo", {}, ["vae_fp32=off", "cache_latents=false"])
+    assert cfg.vae_fp32 is False and cfg.cache_latents is False
+    data = tmp_path / "img"
+    data.mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "token: <Vx>\nclass_word: dog\ndata: img\n"
+        "train: {mixed_precision: no, negative_prompt: off, train_embeddings: yes}\n"
+    )
+    cfg, _ = config.resolve(str(path), {}, [])
+    assert (cfg.mixed_precision, cfg.negative_prompt) == ("no", "off")
+    assert cfg.train_embeddings is True
+    assert config.load_yaml("a: no\nb: true\nc: 'yes'") == {"a": "no", "b": True, "c": "yes"}

@@ -2,7 +2,8 @@
 
     lora.safetensors         diffusers' format: ``unet.<module>.lora.down.weight`` /
                              ``text_encoder.text_model.<module>.lora_linear_layer.down.weight``,
-                             alpha and rank in diffusers' ``lora_adapter_metadata`` header entry
+                             with alpha / rank folded into the up factors and alpha = rank
+                             in diffusers' ``lora_adapter_metadata`` header entry
     lora_kohya.safetensors   kohya / A1111 / ComfyUI: ``lora_unet_<module>.lora_down.weight``,
                              ``.lora_up.weight`` and a scalar ``.alpha`` per module, ss_* header
     embeddings.safetensors   textual-inversion embeddings of the concept tokens, one
@@ -13,6 +14,11 @@ A (r, in) and B (out, r), injected by ``models.lora.add_lora`` under the adapter
 ``ADAPTER``. The kohya file keeps the raw factors with the true per-module alpha (loaders
 compute alpha / rank themselves); diffusers' own ``convert_state_dict_to_kohya`` writes
 alpha = rank, which mis-scales any LoRA trained with alpha != rank, so it is not used here.
+
+The diffusers file has no per-module alpha: loaders that ignore its header (ComfyUI reading
+diffusers keys, diffusers before its LoRA-metadata change) take alpha = rank, i.e. scale 1.
+So the file stores B' = (alpha / rank) B and says alpha = rank: every reading, header or not,
+computes the trained W x + (alpha / rank) B A x.
 """
 
 from __future__ import annotations
@@ -95,10 +101,11 @@ def save_lora(
 
     header = _training_header(metadata, rank=rank, alpha=alpha,
                               text_encoder_alpha=te_alpha if len(parts) > 1 else None)  # fmt: skip
-    # diffusers rebuilds each LoraConfig (r, lora_alpha, targets) from this entry; a loader
-    # that ignores it (diffusers before its 2025 LoRA-metadata change) assumes alpha = rank.
+    # diffusers rebuilds each LoraConfig (r, lora_alpha, targets) from this entry; alpha is
+    # folded, so the entry says alpha = rank like every loader that ignores it assumes
     diffusers_header = {
-        **header,
+        **{k: v for k, v in header.items() if k != "ss_network_alpha"},
+        "sai_alpha_folded": "true",
         "lora_adapter_metadata": json.dumps(adapter_config, sort_keys=True),
     }
     paths = {"lora": run.lora, "lora_kohya": run.kohya}
@@ -118,11 +125,15 @@ def _training_header(
     header |= {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(rank)),
-        "ss_network_alpha": str(float(alpha)),
         "ss_base_model_version": "sd_v1",
         "ss_v2": "False",
     }
-    if text_encoder_alpha is not None:  # kohya has one alpha; ours may differ per model
+    # kohya's header has one alpha; each module's own .alpha is what loaders apply. Claim one
+    # only when every module carries it.
+    if text_encoder_alpha is None or text_encoder_alpha == alpha:
+        header["ss_network_alpha"] = str(float(alpha))
+    else:
+        header["sai_unet_alpha"] = str(float(alpha))
         header["sai_text_encoder_alpha"] = str(float(text_encoder_alpha))
     return header
 
@@ -215,6 +226,10 @@ def _diffusers_tensors(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]
     # save_embedding_layers=False: after add_concept_tokens peft's "auto" would add the whole
     # resized token-embedding matrix; the concept rows go to embeddings.safetensors instead.
     peft_sd = get_peft_model_state_dict(model, adapter_name=ADAPTER, save_embedding_layers=False)
+    for name, module in model.named_modules():  # fold alpha / rank into B (module docstring)
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_B:
+            key = f"{name}.lora_B.weight"
+            peft_sd[key] = peft_sd[key] * module.scaling[ADAPTER]
     converted = convert_state_dict_to_diffusers(peft_sd)
     generic = "lora" if prefix == "unet" else "lora_linear_layer"
     out = {}
@@ -225,7 +240,8 @@ def _diffusers_tensors(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]
 
 
 def _adapter_config(model: nn.Module, prefix: str) -> dict[str, object]:
-    """The LoraConfig fields diffusers needs to rebuild the adapter, keyed ``<prefix>.<field>``.
+    """The LoraConfig fields diffusers needs to rebuild the adapter, keyed ``<prefix>.<field>``,
+    for the folded factors: alpha = rank everywhere.
 
     Only the fields that shape the forward pass: a full ``LoraConfig.to_dict()`` would carry
     fields that older peft versions reject.
@@ -234,10 +250,10 @@ def _adapter_config(model: nn.Module, prefix: str) -> dict[str, object]:
     targets = config.target_modules
     fields = {
         "r": config.r,
-        "lora_alpha": config.lora_alpha,
+        "lora_alpha": config.r,  # alpha / rank is folded into the up factors
         "target_modules": sorted(targets) if isinstance(targets, set | list) else targets,
         "rank_pattern": dict(config.rank_pattern),
-        "alpha_pattern": dict(config.alpha_pattern),
+        "alpha_pattern": dict(config.rank_pattern),
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
         "lora_bias": config.lora_bias,

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 from safetensors import safe_open
 
-from ..config import Concept, TrainConfig, apply_overrides
+from ..config import Concept, TrainConfig, apply_overrides, load_yaml, yaml_problem
 from ..errors import UserError
 from ..fsutil import atomic_write_text, write_json
 
@@ -177,7 +177,7 @@ class RunDir:
                 "sai-train-lora wrote"
             )
         try:
-            data = yaml.safe_load(self.run_yaml.read_text(encoding="utf-8"))
+            data = load_yaml(self.run_yaml.read_text(encoding="utf-8"))
             saved = {k: v for k, v in data["config"].items() if k not in _RETIRED_SETTINGS}
             saved.setdefault("sai_eps", 1e-8)  # runs written before the setting existed used 1e-8
             cfg = apply_overrides(TrainConfig(), saved, str(self.run_yaml))
@@ -185,8 +185,8 @@ class RunDir:
             concept = Concept(**{**c, "path": Path(c["path"]), "data": Path(c["data"])})
         except (yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
             raise UserError(
-                f"{self.run_yaml}: unreadable run file ({exc}); it was not written by this "
-                "version of sai-train-lora"
+                f"{self.run_yaml}: unreadable run file ({yaml_problem(exc)}); it was not "
+                "written by this version of sai-train-lora"
             ) from None
         return cfg, concept, data
 
@@ -245,10 +245,19 @@ class RunDir:
         """Every ``step-*`` folder, complete or not, oldest first."""
         return [Checkpoint(p) for p in sorted(self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*"))]
 
+    def stale_checkpoint_temps(self) -> list[Path]:
+        """Temporary checkpoint folders a killed write left (``fsutil.atomic_dir`` names)."""
+        return sorted(self.checkpoints_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp"))
+
+    def complete_checkpoints(self) -> list[tuple[int, Checkpoint]]:
+        """The complete checkpoints (``state.json`` written last), newest first, with steps."""
+        complete = [(step, c) for c in self.checkpoint_folders() if (step := c.step()) is not None]
+        return sorted(complete, key=lambda sc: sc[0], reverse=True)
+
     def latest_checkpoint(self) -> tuple[int, Checkpoint] | None:
         """The complete checkpoint of the highest step, with that step."""
-        complete = [(step, c) for c in self.checkpoint_folders() if (step := c.step()) is not None]
-        return max(complete, key=lambda sc: sc[0]) if complete else None
+        complete = self.complete_checkpoints()
+        return complete[0] if complete else None
 
 
 def step_tag(step: int) -> str:

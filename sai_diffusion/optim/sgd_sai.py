@@ -105,13 +105,20 @@ class SGDSaI(Optimizer):
             foreach=foreach,
             normalize=normalize,  # saved with the groups, checked on load
         )
-        super().__init__(params, defaults)
         self.normalize = normalize
-        for group in self.param_groups:
-            _check_hyperparameters(
-                **{k: group[k] for k in ("lr", "momentum", "weight_decay", "eps")}
-            )
+        super().__init__(params, defaults)  # each group passes add_param_group's checks
         self._reset_host_view()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # scales are relative to one max over every group: a per-group mode would mix meanings
+        if param_group.get("normalize", self.normalize) != self.normalize:
+            raise ValueError(
+                f"SGDSaI: normalize is optimizer-wide (got normalize={param_group['normalize']!r} "
+                f"in a param group of an optimizer built with normalize={self.normalize!r})"
+            )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparameters(**{k: group[k] for k in ("lr", "momentum", "weight_decay", "eps")})
 
     # ------------------------------------------------------------------ host-side view of state
     def _reset_host_view(self) -> None:
@@ -123,7 +130,10 @@ class SGDSaI(Optimizer):
         self._in_flight: list[tuple[list[Tensor], Tensor, Any]] = []
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's __getstate__ keeps only defaults, state and param_groups (copy.deepcopy and
+        # pickle go through it): the mode is read back from the defaults
         super().__setstate__(state)
+        self.normalize = self.defaults["normalize"]
         self._reset_host_view()
         self._read_host_view_from_state()
 
@@ -211,9 +221,9 @@ class SGDSaI(Optimizer):
     def _initialise(self, fresh: list[tuple[dict[str, Any], Tensor]]) -> None:
         """First step of blocks without a scale yet: g-SNR, scale, m = g, masked update.
 
-        Everything stays on the device: a block whose gradient turns out to be all zero gets
-        scale 0 and decay factor 1, so the update leaves it untouched and it is fresh again on
-        the next step.
+        Everything stays on the device: a block whose gradient turns out to be all zero (or not
+        finite) gets scale 0 and decay factor 1, so the update leaves it untouched and it is
+        fresh again on the next step.
         """
         stats = []
         for group, p in fresh:
@@ -230,7 +240,9 @@ class SGDSaI(Optimizer):
             else:
                 degenerate = torch.ones((), dtype=torch.bool, device=g.device)
                 gsnr = torch.zeros_like(norm)
-            stats.append((g, norm > 0, degenerate, gsnr.float()))
+            # zero and non-finite gradients (NaN, inf) leave the block fresh: its g-SNR waits
+            usable = torch.isfinite(norm) & (norm > 0)
+            stats.append((g, usable, degenerate, gsnr.float()))
 
         device = fresh[0][1].device
         gsnr_max = self._update_gsnr_max(stats, device)
@@ -263,7 +275,10 @@ class SGDSaI(Optimizer):
             theta = p if p.dtype == m.dtype else p.to(m.dtype)  # fp32 math for bf16/fp16
             if wd != 0:
                 theta.mul_(torch.where(nonzero, 1.0 - lr * wd, 1.0).to(m.dtype))
-            theta.addcmul_(m, scale.to(m.dtype), value=-lr)
+            # a block left fresh (zero or non-finite gradient: norm > 0 is False for NaN) is
+            # not touched; scale 0 alone would still let NaN * 0 = NaN through
+            step_dir = torch.where(nonzero, m, torch.zeros((), dtype=m.dtype, device=m.device))
+            theta.addcmul_(step_dir, scale.to(m.dtype), value=-lr)
             if theta is not p:
                 p.copy_(theta)
 
@@ -274,10 +289,14 @@ class SGDSaI(Optimizer):
         for dev, (params, flags) in by_device.items():
             packed = torch.stack(flags)
             if dev.type == "cuda":
-                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-                host.copy_(packed, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
+                # the copy and its event on the parameters' device: recorded on another device's
+                # stream, the event could fire before the copy lands and the host would read
+                # stale flags (and initialise a block twice)
+                with torch.cuda.device(dev):
+                    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                    host.copy_(packed, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(torch.cuda.current_stream(dev))
             else:
                 host, event = packed.to("cpu"), None
             self._in_flight.append((params, host, event))

@@ -8,15 +8,18 @@ would have (bitwise on the CPU, for the same thread count).
 
 from __future__ import annotations
 
+import pickle
 import shutil
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..files.run_dir import Checkpoint, RunDir
 from ..fsutil import atomic_dir
 
@@ -33,38 +36,91 @@ class TrainingState:
 
 def save_checkpoint(run_dir: RunDir, step: int, state: TrainingState, *, keep: int) -> Checkpoint:
     """Write ``checkpoints/step-NNNNNN/`` under a temporary name, rename it when complete, and
-    keep only the newest ``keep`` checkpoints."""
+    keep only the newest ``keep`` checkpoints.
+
+    Raises:
+        UserError: the folder cannot be written (disk full, read-only, quota); the previous
+            checkpoints are left as they were.
+    """
     final = run_dir.checkpoint(step)
-    with atomic_dir(final.path) as tmp:
-        staged = Checkpoint(tmp)
-        save_file(
-            {n: p.detach().cpu().contiguous() for n, p in state.trainable.items()},
-            str(staged.trainable),
-        )
-        torch.save(state.optimizer.state_dict(), staged.optimizer)
-        torch.save(state.lr_scheduler.state_dict(), staged.lr_scheduler)
-        if state.scaler is not None:
-            torch.save(state.scaler.state_dict(), staged.scaler)
-        staged.write_state(step)  # last: a folder with state.json is a complete checkpoint
-    for stale in run_dir.checkpoint_folders()[:-keep]:
-        shutil.rmtree(stale.path, ignore_errors=True)
+    try:
+        with atomic_dir(final.path) as tmp:
+            staged = Checkpoint(tmp)
+            save_file(
+                {n: p.detach().cpu().contiguous() for n, p in state.trainable.items()},
+                str(staged.trainable),
+            )
+            torch.save(state.optimizer.state_dict(), staged.optimizer)
+            torch.save(state.lr_scheduler.state_dict(), staged.lr_scheduler)
+            if state.scaler is not None:
+                torch.save(state.scaler.state_dict(), staged.scaler)
+            staged.write_state(step)  # last: a folder with state.json is a complete checkpoint
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        if isinstance(exc, RuntimeError) and "PytorchStreamWriter" not in str(exc):
+            raise  # torch.save reports a failed write so; any other RuntimeError is a bug
+        previous = run_dir.latest_checkpoint()
+        kept = f"; {previous[1].path} is intact" if previous else ""
+        raise UserError(
+            f"cannot write the checkpoint {final.path} ({first_line(exc)}){kept}. Free disk "
+            f"space or give a writable --output-dir, then resume with --resume {run_dir.path}"
+        ) from None
+    # the oldest complete ones, and the temporary folders of writes a kill interrupted
+    stale = [c.path for c in run_dir.checkpoint_folders()[:-keep]]
+    for path in stale + run_dir.stale_checkpoint_temps():
+        shutil.rmtree(path, ignore_errors=True)
     return final
 
 
 def load_latest_checkpoint(run_dir: RunDir, state: TrainingState) -> int:
-    """Restore ``state`` from the newest complete checkpoint; return its step.
+    """Restore ``state`` from the newest complete checkpoint that reads back; return its step.
+
+    A checkpoint whose files are truncated or corrupt is skipped with a warning naming it, and
+    the next older one is tried.
 
     Raises:
-        UserError: no complete checkpoint, or one whose tensors are not this run's.
+        UserError: no complete readable checkpoint, or one whose tensors are not this run's.
     """
-    latest = run_dir.latest_checkpoint()
-    if latest is None:
-        raise UserError(
-            f"{run_dir.checkpoints_dir} has no complete checkpoint to resume from; "
-            "start a new run instead"
-        )
-    step, checkpoint = latest
-    weights = load_file(str(checkpoint.trainable))
+    skipped = []
+    for step, checkpoint in run_dir.complete_checkpoints():
+        try:
+            saved = _read(checkpoint, with_scaler=state.scaler is not None)
+        except _UNREADABLE as exc:
+            print(
+                f"warning: skipping {checkpoint.path}: unreadable ({first_line(exc)}); "
+                "trying an older checkpoint",
+                file=sys.stderr,
+            )
+            skipped.append(checkpoint.path.name)
+            continue
+        _restore(state, saved, checkpoint, run_dir)
+        return step
+    unreadable = f" (unreadable: {', '.join(skipped)})" if skipped else ""
+    raise UserError(
+        f"{run_dir.checkpoints_dir} has no complete checkpoint to resume from{unreadable}; "
+        "start a new run instead"
+    )
+
+
+# what a damaged file raises: safetensors' error, torch.load's (pickle, zip), short reads
+_UNREADABLE = (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError)
+
+
+def _read(checkpoint: Checkpoint, *, with_scaler: bool) -> dict[str, Any]:
+    """Every file of a checkpoint, in memory: nothing is restored unless all of them read."""
+    saved = {
+        "trainable": load_file(str(checkpoint.trainable)),
+        "optimizer": torch.load(checkpoint.optimizer, weights_only=True, map_location="cpu"),
+        "lr_scheduler": torch.load(checkpoint.lr_scheduler, weights_only=True),
+    }
+    if with_scaler and checkpoint.scaler.is_file():
+        saved["scaler"] = torch.load(checkpoint.scaler, weights_only=True)
+    return saved
+
+
+def _restore(
+    state: TrainingState, saved: dict[str, Any], checkpoint: Checkpoint, run_dir: RunDir
+) -> None:
+    weights = saved["trainable"]
     mismatched = set(state.trainable) ^ set(weights)
     if mismatched:
         raise UserError(
@@ -74,10 +130,7 @@ def load_latest_checkpoint(run_dir: RunDir, state: TrainingState) -> int:
     with torch.no_grad():
         for name, p in state.trainable.items():
             p.copy_(weights[name])
-    state.optimizer.load_state_dict(
-        torch.load(checkpoint.optimizer, weights_only=True, map_location="cpu")
-    )
-    state.lr_scheduler.load_state_dict(torch.load(checkpoint.lr_scheduler, weights_only=True))
-    if state.scaler is not None and checkpoint.scaler.is_file():
-        state.scaler.load_state_dict(torch.load(checkpoint.scaler, weights_only=True))
-    return step
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    if "scaler" in saved:
+        state.scaler.load_state_dict(saved["scaler"])

@@ -227,6 +227,17 @@ def _check_mask_size(
         )
 
 
+def non_square_images(examples: list[Example]) -> list[Path]:
+    """The images a square crop cuts, i.e. those whose random crops differ (header reads)."""
+    cut = []
+    for example in examples:
+        with Image.open(example.image_path) as image:
+            width, height = image.size
+        if width != height:
+            cut.append(example.image_path)
+    return cut
+
+
 # --------------------------------------------------------------------------- pixels
 
 

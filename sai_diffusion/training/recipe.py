@@ -1,9 +1,12 @@
 """The LoRA training recipe: ``setup()`` builds the parts, ``train()`` runs the loop,
 ``save_outputs()`` writes the files; ``run_training()`` is the whole job.
 
-Every random draw of step s (which images, crops, noise, timesteps) is derived from
-(seed, s), never from a running RNG, so a run resumed from a checkpoint continues exactly as
-the uninterrupted run would have (bitwise on CPU).
+Every random draw (which image, crop, flip, noise, timestep) is derived from the seed and the
+example's place in the run, never from a running RNG: a run resumed from a checkpoint continues
+exactly as the uninterrupted run would have (bitwise on CPU). The place is the global example
+counter k = ((step * grad_accum + micro) * processes + rank) * batch_size + i, so the global
+batch (batch_size x grad_accum x processes) sees the same examples with the same draws however
+it is split: N processes with batch b train what one process with batch N*b does.
 """
 
 from __future__ import annotations
@@ -21,11 +24,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..config import BUILTIN_BASE_MODEL, Concept, TrainConfig
-from ..errors import TrainingDiverged, UserError
+from ..errors import TrainingDiverged, UserError, first_line
 from ..files.lora_files import save_embeddings, save_lora
 from ..files.run_dir import FINAL_SAMPLES, RunDir, step_tag
 from ..models.base import load_base, model_fingerprint
@@ -39,8 +41,9 @@ from ..models.tokens import (
 )
 from ..optim import SGDSaI, build_optimizer
 from .checkpoints import TrainingState, load_latest_checkpoint, save_checkpoint
-from .data import ConceptDataset, discover_examples
+from .data import ConceptDataset, discover_examples, non_square_images
 from .loss import min_snr_weight, per_sample_mse, prediction_target
+from .schedule import build_lr_scheduler, replan_lr_scheduler
 
 _WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -91,8 +94,9 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     """
     dataset = _setup_data(cfg, concept)
     accelerator = _setup_accelerator(cfg)
+    _reset_peak_memory(accelerator.device)  # this run's peak, not an earlier one's in-process
     torch.manual_seed(cfg.seed)
-    pipe, token_ids, trainable = _setup_model(cfg, concept, accelerator.device)
+    pipe, token_ids, trainable = _setup_model(cfg, concept, accelerator)
     lr = cfg.resolved_lr(concept)
     optimizer, lr_scheduler = _setup_optimizer(cfg, trainable, lr)
 
@@ -123,7 +127,14 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     _setup_caches(run)
     if resume:
         run.step = load_latest_checkpoint(run.run_dir, _training_state(run))
-        run.run_dir.truncate_metrics(run.step)  # the steps after it are trained again
+        if run.step > cfg.max_steps:
+            raise UserError(
+                f"{run.run_dir.path} is at step {run.step}, past --max-steps {cfg.max_steps}; "
+                f"give --max-steps {run.step} or more"
+            )
+        replan_lr_scheduler(run.lr_scheduler, run.step, cfg.max_steps)  # training/schedule.py
+        if accelerator.is_main_process:
+            run.run_dir.truncate_metrics(run.step)  # the steps after it are trained again
     return run
 
 
@@ -144,18 +155,25 @@ def _setup_accelerator(cfg: TrainConfig) -> Accelerator:
     # accelerate keeps one global state per process; a second run in the same process (tests,
     # the app) may want another precision. The distributed part (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        print("note: fp16 needs a GPU; training in fp32 on the CPU (mixed_precision=no)")
-        cfg.mixed_precision = "no"
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    # run.yaml keeps what was asked; this is what runs
+    cpu_only = cfg.mixed_precision == "fp16" and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        mixed_precision="no" if cpu_only else cfg.mixed_precision,
+        cpu=not torch.cuda.is_available(),  # also what makes N CPU processes use gloo
+    )
+    if cpu_only:
+        accelerator.print("note: fp16 needs a GPU; training in fp32 on the CPU")
+    return accelerator
 
 
-def _setup_model(cfg: TrainConfig, concept: Concept, device: torch.device):
-    """The base model, frozen, on ``device`` (weights in the compute dtype when training in
-    half precision), with the concept token and the LoRA adapters. Returns the pipeline, the
-    token ids and the trainable tensors by name (fp32)."""
+def _setup_model(cfg: TrainConfig, concept: Concept, accelerator: Accelerator):
+    """The base model, frozen, on the accelerator's device (weights in the compute dtype when
+    training in half precision), with the concept token and the LoRA adapters; the modules
+    that train are in train mode. Returns the pipeline, the token ids and the trainable tensors
+    by name (fp32)."""
+    device = accelerator.device
     if cfg.base_model == BUILTIN_BASE_MODEL:
-        print(
+        accelerator.print(
             "base model: the built-in miniature model (32 px world, CPU demo); pass "
             "--base-model for a real SD 1.5-class checkpoint"
         )
@@ -164,10 +182,11 @@ def _setup_model(cfg: TrainConfig, concept: Concept, device: torch.device):
     for module in (unet, text_encoder, vae):
         module.requires_grad_(False)
         module.eval()
-    weight_dtype = _WEIGHT_DTYPES[cfg.mixed_precision]
-    unet.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
-    vae.to(device, dtype=torch.float32 if cfg.vae_fp32 else weight_dtype)
+    weight_dtype = _WEIGHT_DTYPES[accelerator.mixed_precision]
+    for module, dtype in ((unet, weight_dtype), (text_encoder, weight_dtype),
+                          (vae, torch.float32 if cfg.vae_fp32 else weight_dtype)):  # fmt: skip
+        # a cast to the dtype it has already makes diffusers warn about fp32 modules
+        module.to(device) if module.dtype == dtype else module.to(device, dtype=dtype)
 
     # The concept token, initialised from the class word, before LoRA wraps the encoder.
     token_ids = add_concept_tokens(
@@ -195,10 +214,17 @@ def _setup_model(cfg: TrainConfig, concept: Concept, device: torch.device):
     }
     for p in trainable.values():  # only the adapters (and token vectors) train, in fp32
         p.data = p.data.float()
+    # train mode as diffusers' scripts set it (SD 1.5 and CLIP have dropout 0); transformers
+    # checkpoints only in train mode, so an eval() text encoder would ignore the setting
+    unet.train()
+    text_encoder.train(_trains_text_encoder(cfg))
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if cfg.text_encoder_lora:
-            text_encoder.gradient_checkpointing_enable()
+        if _trains_text_encoder(cfg):
+            # non-reentrant: gradients reach the LoRA factors although the inputs need none
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+            enable = enable or text_encoder.gradient_checkpointing_enable  # its older name
+            enable({"use_reentrant": False})
     return pipe, token_ids, trainable
 
 
@@ -228,9 +254,8 @@ def _setup_optimizer(cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter],
         reg=cfg.scaled_reg,
         eps=cfg.sai_eps if cfg.optimizer == "sgd-sai" else None,
     )
-    name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
-    lr_scheduler = get_scheduler(
-        name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+    lr_scheduler = build_lr_scheduler(
+        optimizer, cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps
     )
     return optimizer, lr_scheduler
 
@@ -240,6 +265,7 @@ def _setup_caches(run: Run) -> None:
     """Latents when the VAE input is fixed, text embeddings when the encoder is frozen."""
     if run.cfg.cache_latents:
         _cache_latents(run)
+        _note_cached_crops(run)
     if not run.trains_text_encoder:
         captions = sorted({e.caption for e in run.dataset.examples})
         run.cache["text"] = {c: _encode_text(run, [c])[0].cpu() for c in captions}
@@ -264,6 +290,21 @@ def _cache_latents(run: Run) -> None:
         stds.append(dist.std.float().cpu())
         masks.append(torch.stack([item["mask"], item["mask"].flip(-1)]))  # (2, 1, H, W)
     run.cache["latents"] = (torch.stack(means), torch.stack(stds), torch.stack(masks))
+
+
+def _note_cached_crops(run: Run) -> None:
+    """Say once what the latent cache drops: the random crops of non-square images."""
+    if run.cfg.center_crop:
+        return
+    cut = non_square_images(run.dataset.examples)
+    if cut:
+        run.accelerator.print(
+            f"note: cache_latents=true encodes each image once, at its centre crop: the random "
+            f"crops of the {len(cut)} non-square image(s) (of {len(run.dataset)}, e.g. "
+            f"{cut[0].name}) are not trained; random flips are kept. For random crops: "
+            "--set cache_latents=false (the VAE then runs every step); --set center_crop=true "
+            "asks for the centre crop and silences this note"
+        )
 
 
 def _encode_text(run: Run, captions: list[str]) -> torch.Tensor:
@@ -293,7 +334,7 @@ def train(run: Run) -> None:
         TrainingDiverged: the loss became NaN or inf (the last good checkpoint is kept).
     """
     cfg, acc = run.cfg, run.accelerator
-    writer = _tensorboard(run.run_dir)
+    writer = _tensorboard(run.run_dir) if acc.is_main_process else None
     bar = tqdm(
         total=cfg.max_steps,
         initial=run.step,
@@ -302,52 +343,63 @@ def train(run: Run) -> None:
         disable=not acc.is_local_main_process,
         dynamic_ncols=True,
     )
-    while run.step < cfg.max_steps:
-        start = time.perf_counter()
-        loss = _train_step(run)
-        record = {
-            "step": run.step,
-            "loss": loss,
-            "step_time": time.perf_counter() - start,
-            "lr": {
-                g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)
-            },
-            "peak_mem_mb": _peak_memory_mb(acc.device),
-        }
-        if acc.is_main_process and (run.step % cfg.log_every == 0 or run.step == cfg.max_steps):
-            _log(run, record, writer)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        bar.update(1)
-
-        due = cfg.validation_every and run.step % cfg.validation_every == 0
-        if due and run.step < cfg.max_steps:  # the last step gets samples/final instead
-            validate_samples(run)
-        if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
-            checkpoint(run)
-    bar.close()
-    if writer is not None:
-        writer.close()
+    # the bar and the log close however the loop ends: an error is the last line people see
+    with bar, writer if writer is not None else contextlib.nullcontext():
+        while run.step < cfg.max_steps:
+            _train_and_log(run, bar, writer)
     latest = run.run_dir.latest_checkpoint()
     if latest is None or latest[0] != run.step:
         checkpoint(run)
 
 
-def _train_step(run: Run) -> float:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the summed loss."""
+def _train_and_log(run: Run, bar, writer) -> None:
+    """One step, its metrics record, and the samples and checkpoint due after it."""
     cfg, acc = run.cfg, run.accelerator
-    loss = 0.0
+    start = time.perf_counter()
+    loss = _train_step(run)
+    record = {
+        "step": run.step,
+        "loss": loss,
+        "step_time": time.perf_counter() - start,
+        "lr": {g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)},
+        "peak_mem_mb": _peak_memory_mb(acc.device),
+    }
+    if acc.is_main_process and (run.step % cfg.log_every == 0 or run.step == cfg.max_steps):
+        _log(run, record, writer)
+    bar.set_postfix(loss=f"{loss:.4f}")
+    bar.update(1)
+
+    due = cfg.validation_every and run.step % cfg.validation_every == 0
+    if due and run.step < cfg.max_steps:  # the last step gets samples/final instead
+        validate_samples(run)
+    if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+        checkpoint(run)
+
+
+def _train_step(run: Run) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the loss of the global
+    batch (the mean over processes of each one's summed micro-batch losses)."""
+    cfg, acc = run.cfg, run.accelerator
+    trained = [run.unet] + ([run.text_encoder] if run.trains_text_encoder else [])
+    losses = []
     for micro in range(cfg.grad_accum):
         batch = _batch(run, micro)
-        sync = micro == cfg.grad_accum - 1
-        # gradients are all-reduced once, on the last micro-batch
-        skip_sync = not sync and acc.num_processes > 1
-        sync_ctx = acc.no_sync(run.unet) if skip_sync else contextlib.nullcontext()
-        with sync_ctx, acc.autocast():
-            micro_loss = _loss(run, batch) / cfg.grad_accum
-        acc.backward(micro_loss)
-        loss += micro_loss.detach().float().item()
+        with contextlib.ExitStack() as stack:
+            # gradients are all-reduced once, on the last micro-batch, for every DDP module
+            if micro < cfg.grad_accum - 1 and acc.num_processes > 1:
+                for module in trained:
+                    stack.enter_context(acc.no_sync(module))
+            with acc.autocast():
+                micro_loss = _loss(run, batch) / cfg.grad_accum
+            acc.backward(micro_loss)
+        losses.append(micro_loss.detach().float())
+    # one host sync per step; every rank sees every rank's loss, so a NaN anywhere stops all of
+    # them at this step (one rank stopping alone would leave the others in the next all-reduce)
+    per_rank = acc.gather(torch.stack(losses).sum()[None].to(acc.device)).cpu()  # (ranks,)
+    loss = per_rank.mean().item()
     if not math.isfinite(loss):
-        raise TrainingDiverged(_diverged_message(run, loss))
+        bad = [i for i, v in enumerate(per_rank.tolist()) if not math.isfinite(v)]
+        raise TrainingDiverged(_diverged_message(run, loss, bad_ranks=bad))
     if cfg.max_grad_norm > 0:
         acc.clip_grad_norm_(list(run.trainable.values()), cfg.max_grad_norm)
     run.optimizer.step()
@@ -357,10 +409,9 @@ def _train_step(run: Run) -> float:
     return loss
 
 
-def _step_generator(run: Run, micro: int) -> torch.Generator:
-    acc = run.accelerator
-    key = ((run.cfg.seed * 1_000_003 + run.step) * 1009 + micro) * 131 + acc.process_index
-    return torch.Generator().manual_seed(key % (2**63 - 1))
+def _example_generator(seed: int, k: int) -> torch.Generator:
+    """The draws of global example k (module docstring): independent of how batches split."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + k) * 131 % (2**63 - 1))
 
 
 def _batch(run: Run, micro: int) -> dict[str, Any]:
@@ -369,9 +420,10 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
     first = (
         (run.step * cfg.grad_accum + micro) * acc.num_processes + acc.process_index
     ) * cfg.batch_size
+    ks = range(first, first + cfg.batch_size)
+    gens = [_example_generator(cfg.seed, k) for k in ks]
     indices, flips = [], []
-    gen = _step_generator(run, micro)
-    for k in range(first, first + cfg.batch_size):
+    for k, gen in zip(ks, gens, strict=True):
         epoch, pos = divmod(k, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
         indices.append(int(perm[pos]))
@@ -382,7 +434,7 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
         sel = torch.tensor(indices)
         flip = torch.tensor(flips, dtype=torch.long)
         mean, std, mask = means[sel, flip], stds[sel, flip], masks[sel, flip]
-        latents = mean + std * torch.randn(mean.shape, generator=gen)
+        latents = mean + std * _randn(mean.shape, gens)
     else:
         items = []
         for k, i in zip(range(first, first + cfg.batch_size), indices, strict=True):
@@ -393,17 +445,16 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
         vae = run.pipe.vae
         with torch.no_grad():
             dist = vae.encode(pixels.to(acc.device, vae.dtype)).latent_dist
-            latents = dist.mean.float().cpu() + dist.std.float().cpu() * torch.randn(
-                dist.mean.shape, generator=gen
+            latents = dist.mean.float().cpu() + dist.std.float().cpu() * _randn(
+                dist.mean.shape, gens
             )
     latents = latents * run.pipe.vae.config.scaling_factor
     captions = [run.dataset.examples[i].caption for i in indices]
-    noise = torch.randn(latents.shape, generator=gen)
+    noise = _randn(latents.shape, gens)
     if cfg.noise_offset:
-        noise += cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen)
-    timesteps = torch.randint(
-        0, run.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen
-    )
+        noise += cfg.noise_offset * _randn(latents.shape[:2] + (1, 1), gens)
+    num_timesteps = run.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in gens])
     return {
         "latents": latents,
         "noise": noise,
@@ -411,6 +462,11 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
         "mask": mask,
         "captions": captions,
     }
+
+
+def _randn(shape: torch.Size | tuple[int, ...], gens: list[torch.Generator]) -> torch.Tensor:
+    """(B, ...) normal draws, row i from generator i."""
+    return torch.stack([torch.randn(shape[1:], generator=g) for g in gens])
 
 
 def _loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
@@ -441,9 +497,29 @@ def _log(run: Run, record: dict[str, Any], writer) -> None:
             writer.add_scalar(f"lr/{name}", value, record["step"])
 
 
+_CLEAR_REFS, _STATUS = "/proc/self/clear_refs", "/proc/self/status"
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start this run's peak: runs trained one after another in one process (the app, a
+    sweep) must not report an earlier run's. On Linux, writing 5 to clear_refs resets the
+    process's peak resident size (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError), open(_CLEAR_REFS, "w") as f:
+        f.write("5")
+
+
 def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since ``_reset_peak_memory``: CUDA allocations, or the process's peak
+    resident size on the CPU (the lifetime peak where /proc cannot say)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError, ValueError), open(_STATUS) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
@@ -456,13 +532,15 @@ def _tensorboard(run_dir: RunDir):
     return SummaryWriter(str(run_dir.tensorboard))
 
 
-def _diverged_message(run: Run, loss: float) -> str:
+def _diverged_message(run: Run, loss: float, *, bad_ranks: list[int]) -> str:
     last = run.run_dir.latest_checkpoint()
     kept = (
         f"the last good checkpoint is {last[1].path}" if last else "no checkpoint was written yet"
     )
+    processes = run.accelerator.num_processes
+    where = f" (on rank {', '.join(map(str, bad_ranks))} of {processes})" if processes > 1 else ""
     return (
-        f"the loss became {loss} at step {run.step + 1}; training stopped and {kept}. "
+        f"the loss became {loss} at step {run.step + 1}{where}; training stopped and {kept}. "
         f"Lower the learning rate (now {run.lr:g}, --lr) or use --set mixed_precision=no"
     )
 
@@ -493,20 +571,62 @@ def validate_samples(run: Run, tag: str | None = None) -> list[Path]:
         width=cfg.resolution,
     )
     out = run.run_dir.samples(tag or step_tag(run.step))
-    with run.accelerator.autocast():
+    with run.accelerator.autocast(), _eval_mode(pipe.unet, pipe.text_encoder):
         return write_samples(pipe, run.concept.prompts(), cfg.validation_seeds, settings, out)
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: torch.nn.Module):
+    """Inference in eval mode, then each module back in the mode it had."""
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
 
 
 # --------------------------------------------------------------------------------- outputs
 def save_outputs(run: Run) -> dict[str, Path]:
-    """lora.safetensors, lora_kohya.safetensors, embeddings.safetensors, gsnr.json."""
-    acc, cfg = run.accelerator, run.cfg
+    """lora.safetensors, lora_kohya.safetensors, embeddings.safetensors, gsnr.json (written by
+    the main process; under DDP every rank first checks that all hold the same SGD-SaI scales).
+
+    Raises:
+        UserError: a file cannot be written (disk full, read-only folder).
+    """
+    acc = run.accelerator
+    optimizer = _unwrap_optimizer(run.optimizer)
+    if acc.num_processes > 1 and isinstance(optimizer, SGDSaI):
+        _check_scales_agree(run, optimizer)
     if not acc.is_main_process:
         return {}
+    try:
+        return _write_outputs(run, optimizer)
+    except OSError as exc:
+        raise UserError(
+            f"cannot write the outputs of {run.run_dir.path} ({first_line(exc)}); free disk "
+            f"space or make the folder writable, then run --resume {run.run_dir.path} again "
+            "(it writes them from the last checkpoint)"
+        ) from None
+
+
+def _check_scales_agree(run: Run, optimizer: SGDSaI) -> None:
+    """g-SNR is computed from all-reduced gradients, so every rank must hold the same scales;
+    a difference would mean the ranks trained different models."""
+    table = optimizer.gsnr_table()
+    scales = torch.tensor([r["scale"] if r["initialised"] else -1.0 for r in table])
+    every = run.accelerator.gather(scales[None].to(run.accelerator.device)).cpu()
+    if not torch.equal(every, every[:1].expand_as(every)):
+        raise RuntimeError("SGD-SaI scales differ between ranks: the gradients were not synced")
+
+
+def _write_outputs(run: Run, optimizer) -> dict[str, Path]:
+    acc, cfg = run.accelerator, run.cfg
     unet = acc.unwrap_model(run.unet)
     text_encoder = acc.unwrap_model(run.text_encoder)
     bake_token_embeddings(text_encoder)
-    optimizer = _unwrap_optimizer(run.optimizer)
     metadata = {
         "optimizer": cfg.optimizer,
         "learning_rate": f"{run.lr:g}",
@@ -572,13 +692,16 @@ def run_training(
             f"or continue it with --resume {run_dir}"
         )
     run = setup(cfg, concept, run_dir, resume=resume)
-    run_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs have proved good
-    run.run_dir.write_config(
-        cfg,
-        concept,
-        {"lr": run.lr, "base_model_hash": run.base_fingerprint, "token_ids": run.token_ids},
-    )
+    # every process has checked the folder above before the main one writes into it
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs have proved good
+        run.run_dir.write_config(
+            cfg,
+            concept,
+            {"lr": run.lr, "base_model_hash": run.base_fingerprint, "token_ids": run.token_ids},
+        )
     train(run)
+    save_outputs(run)  # first: an interrupted final sampling must not cost the LoRA
     validate_samples(run, tag=FINAL_SAMPLES)
-    save_outputs(run)
     return run_dir

@@ -95,6 +95,37 @@ def test_diffusers_file_and_embeddings_reload_in_a_stock_pipeline(tiny_pipeline_
     assert (trained.reference["unet"] - trained.base["unet"]).abs().max() > 100 * ATOL
 
 
+def test_diffusers_file_loads_at_the_trained_strength_with_its_header_ignored(
+    tiny_pipeline_dir, trained, tmp_path
+):
+    """Guards a rank-4 alpha-1 LoRA loading 4x too strong (and the alpha-2 text encoder 2x)
+    in loaders that ignore the header and take alpha = rank: ComfyUI reading diffusers keys,
+    diffusers before its LoRA metadata. Two header-blind readings: the same tensors without
+    any header through diffusers, and by hand, W + up @ down (no alpha) for one module."""
+    blind = tmp_path / "blind"
+    blind.mkdir()
+    tensors = safetensors.torch.load_file(trained.run_dir / LORA_FILE)
+    safetensors.torch.save_file(tensors, blind / LORA_FILE)  # no metadata at all
+    pipe = load_pipe(tiny_pipeline_dir)
+    pipe.load_textual_inversion(str(trained.run_dir / EMBEDDINGS_FILE))
+    pipe.load_lora_weights(blind, weight_name=LORA_FILE)
+    assert_outputs_close(outputs(pipe), trained.reference)
+
+    kohya = safetensors.torch.load_file(trained.run_dir / KOHYA_FILE)
+    for diffusers_key, kohya_key in [
+        ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora",
+         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"),
+        ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer",
+         "lora_te_text_model_encoder_layers_0_self_attn_q_proj"),
+    ]:  # fmt: skip
+        blind_delta = tensors[f"{diffusers_key}.up.weight"] @ tensors[f"{diffusers_key}.down.weight"]
+        rank = kohya[f"{kohya_key}.lora_down.weight"].shape[0]
+        trained_delta = (kohya[f"{kohya_key}.alpha"] / rank) * (
+            kohya[f"{kohya_key}.lora_up.weight"] @ kohya[f"{kohya_key}.lora_down.weight"]
+        )
+        torch.testing.assert_close(blind_delta, trained_delta, rtol=1e-6, atol=1e-7)
+
+
 def test_kohya_file_loads_through_diffusers_kohya_converter_with_the_true_alpha(
     tiny_pipeline_dir, trained
 ):
@@ -141,7 +172,10 @@ def test_metadata_is_readable_from_the_headers(trained):
     with safetensors.safe_open(trained.run_dir / KOHYA_FILE, framework="pt") as f:
         kohya = f.metadata()
     assert METADATA.items() <= kohya.items()
-    assert kohya["ss_network_dim"] == "4" and kohya["ss_network_alpha"] == "1.0"
+    assert kohya["ss_network_dim"] == "4"
+    # the UNet and text-encoder modules carry two alphas (1 and 2): the header claims neither
+    assert "ss_network_alpha" not in kohya
+    assert (kohya["sai_unet_alpha"], kohya["sai_text_encoder_alpha"]) == ("1.0", "2.0")
     assert kohya["ss_network_module"] == "networks.lora"
     assert kohya["ss_base_model_version"] == "sd_v1"
     assert kohya["ss_optimizer"] == "sgd-sai" and kohya["ss_learning_rate"] == "0.1"
@@ -151,8 +185,10 @@ def test_metadata_is_readable_from_the_headers(trained):
         header = f.metadata()
     assert METADATA.items() <= header.items()
     adapter = json.loads(header["lora_adapter_metadata"])
-    assert adapter["unet.r"] == RANK and adapter["unet.lora_alpha"] == ALPHA
-    assert adapter["text_encoder.lora_alpha"] == TE_ALPHA
+    # alpha / rank is folded into the up factors, so the file says alpha = rank
+    assert adapter["unet.r"] == RANK and adapter["unet.lora_alpha"] == RANK
+    assert adapter["text_encoder.lora_alpha"] == adapter["text_encoder.r"] == RANK
+    assert header["sai_alpha_folded"] == "true" and "ss_network_alpha" not in header
 
     with safetensors.safe_open(trained.run_dir / EMBEDDINGS_FILE, framework="pt") as f:
         assert json.loads(f.metadata()["tokens"]) == [TOKEN]

@@ -966,3 +966,96 @@ def test_loading_a_state_saved_under_the_other_normalize_mode_is_refused():
     run_steps(opt, params, make_grad_steps([(4, 3), (5,)], 2))
     with pytest.raises(ValueError, match="normalize='none'"):
         SGDSaI(params, lr=1e-2, normalize="max").load_state_dict(opt.state_dict())
+
+
+# ------------------------------------------------------------- 12. copies, groups, bad grads
+
+
+@pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_keeps_its_normalize_mode_and_trains_on(copy_with):
+    """Guards the bug where torch's __getstate__ (defaults, state, param_groups only) dropped
+    ``normalize``: a deepcopy or unpickled SGDSaI failed its next step and load_state_dict.
+    The copy steps exactly like the original (bitwise)."""
+    import copy
+    import pickle
+
+    shapes = [(4, 3), (5,)]
+    params = make_params(shapes, F32)
+    opt = SGDSaI(params, lr=1e-2, normalize="none")
+    grads = make_grad_steps(shapes, 4)
+    run_steps(opt, params, grads[:2])
+    twin_params, twin = (
+        copy.deepcopy((params, opt))
+        if copy_with == "deepcopy"
+        else pickle.loads(pickle.dumps((params, opt)))
+    )
+    assert twin.normalize == "none"
+    twin.load_state_dict(opt.state_dict())
+    run_steps(opt, params, grads[2:])
+    run_steps(twin, twin_params, grads[2:])
+    for a, b in zip(params, twin_params, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_param_group_with_another_normalize_mode_is_refused():
+    """``normalize`` is optimizer-wide (one max over all groups); a group asking for another
+    mode used to be accepted and silently ignored."""
+    params = make_params([(3, 3), (4,)], F32)
+    with pytest.raises(ValueError, match="optimizer-wide"):
+        SGDSaI([{"params": params[:1]}, {"params": params[1:], "normalize": "none"}], lr=0.1)
+    opt = SGDSaI(params[:1], lr=0.1)
+    with pytest.raises(ValueError, match="optimizer-wide"):
+        opt.add_param_group({"params": params[1:], "normalize": "none"})
+    opt.add_param_group({"params": params[1:], "normalize": "max"})  # the same mode is fine
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_a_non_finite_first_gradient_leaves_the_block_untouched_and_fresh(bad, foreach):
+    """Guards NaN * scale 0 = NaN: a fresh block whose first gradient holds a NaN or inf keeps
+    its values (weight decay included), gets no scale and does not enter the max. From then on
+    it trains exactly (bitwise) as a block whose first gradient was None (the deferred-block
+    rule, checked against the float64 reference above)."""
+    shapes = [(4, 3), (6,)]
+    good = make_grad_steps(shapes, 4, seed=7)
+    poisoned = [g.clone() for g in good[0]]
+    poisoned[0][1, 2] = bad
+    runs = []
+    for first in (poisoned, [None, good[0][1]]):
+        params = make_params(shapes, F32)
+        opt = SGDSaI(params, lr=0.1, momentum=0.9, weight_decay=0.1, foreach=foreach)
+        run_steps(opt, params, [first])
+        runs.append((params, opt))
+    (params, opt), (deferred, _) = runs
+    assert torch.equal(params[0], make_params(shapes, F32)[0]), "the poisoned block moved"
+    assert not bool(opt.state[params[0]]["initialised"])
+    assert torch.isfinite(opt.state[params[1]]["gsnr_max"])
+    for p, q in runs:
+        run_steps(q, p, good[1:])
+    for a, b in zip(params, deferred, strict=True):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_parameters_on_a_device_other_than_the_current_one_train_as_on_the_cpu():
+    """Guards the event recorded on the current device's stream: with the parameters on
+    cuda:1 and cuda:0 current, the host could read the first step's flags before the copy
+    landed and initialise a block twice. The run must equal the CPU run (rtol 1e-5) and the
+    host view of the scales must equal the state's."""
+    shapes = [(64, 32), (32,), (8, 8)]
+    grads = make_grad_steps(shapes, 5)
+    results = []
+    for device in ("cpu", "cuda:1"):
+        params = [p.detach().to(device).requires_grad_() for p in make_params(shapes, F32)]
+        opt = SGDSaI(params, lr=0.1, momentum=0.9, weight_decay=0.01)
+        with torch.cuda.device(0):
+            for step in grads:
+                for p, g in zip(params, step, strict=True):
+                    p.grad = g.to(device, F32)
+                opt.step()
+        opt._drain_in_flight()
+        assert {p: float(opt.state[p]["scale"]) for p in params} == opt._scales
+        results.append([p.detach().cpu() for p in params])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,160 @@
+"""Several processes on accelerate (DDP over gloo on the CPU): N processes x batch b train what
+one process x batch N*b does, write one set of files, resume, and stop together.
+
+Real processes: ``accelerate launch`` with the installed ``sai-train-lora``, one torch thread
+each (two processes share the two cores of CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sai_diffusion.files.run_dir import RunDir
+from tests.helpers import make_concept
+
+BIN = Path(sys.executable).parent
+TRAIN = shutil.which("sai-train-lora", path=str(BIN)) or shutil.which("sai-train-lora")
+ACCELERATE = shutil.which("accelerate", path=str(BIN)) or shutil.which("accelerate")
+pytestmark = pytest.mark.skipif(
+    not (TRAIN and ACCELERATE), reason="sai-train-lora / accelerate not installed as scripts"
+)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# fp32 sums of the same gradients in another order (all-reduce vs one batch) differ by ~1e-7
+# relative per step; three steps of SGD-SaI stay far below this
+RTOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(processes: int, *args: str) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes N sai-train-lora ...`` (on a machine
+    without GPUs, accelerate's multi-process launcher gives DDP over gloo; its ``--cpu``
+    flag would run a single process)."""
+    cmd = [TRAIN, *args]
+    if processes > 1:
+        cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), *cmd]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.mark.slow  # four launches of real processes: ~40 s on 2 cores
+def test_two_processes_train_what_one_process_with_twice_the_batch_does(
+    tiny_pipeline_dir, tmp_path
+):
+    concept = make_concept(tmp_path / "concept", n=5)
+    common = ["--concept", str(concept), "--base-model", str(tiny_pipeline_dir),
+              "--resolution", "64", "--checkpoint-every", "2", "--set", "validation_seeds=[]",
+              "--set", "grad_accum=2", "--set", "text_encoder_lora=true",
+              "--set", "train_embeddings=true"]  # fmt: skip
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    single = _launch(1, *common, "--batch-size", "2", "--max-steps", "3", "--output-dir", str(one))
+    assert single.returncode == 0, single.stderr
+    double = _launch(2, *common, "--batch-size", "1", "--max-steps", "3", "--output-dir", str(two))
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    # the same LoRA, token vector and SGD-SaI scales (every rank checked it holds the same)
+    for name in ("lora.safetensors", "embeddings.safetensors"):
+        a, b = load_file(str(two / name)), load_file(str(one / name))
+        assert a.keys() == b.keys()
+        worst = max(_relative_error(a[k], b[k]) for k in a)
+        assert worst <= RTOL, (name, worst)
+    gsnr_two, gsnr_one = (json.loads((d / "gsnr.json").read_text()) for d in (two, one))
+    scales = [(r["scale"], s["scale"]) for r, s in zip(gsnr_two, gsnr_one, strict=True)]
+    assert all(x == pytest.approx(y, rel=RTOL) for x, y in scales if y is not None)
+    # one set of files, one log, each note and the final line once
+    run = RunDir(two)
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3]
+    assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["step-000002", "step-000003"]
+    assert not [p for p in two.rglob("*.tmp")]
+    assert double.stdout.count("done: ") == 1
+    assert double.stderr.count("| 0/3 [") == 1  # the progress bar starts once (rank 0's)
+    assert double.stdout.count("note: cache_latents=true") == 1
+    # the global loss is logged: the mean over ranks equals the one-process batch's loss
+    losses_two = [r["loss"] for r in run.read_metrics()]
+    losses_one = [r["loss"] for r in RunDir(one).read_metrics()]
+    assert losses_two == pytest.approx(losses_one, rel=1e-5)
+
+    # two processes resume (from step 2) and end bitwise where the uninterrupted run did
+    first = _launch(2, *common, "--batch-size", "1", "--max-steps", "2", "--output-dir",
+                    str(resumed))  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = _launch(2, *common, "--batch-size", "1", "--max-steps", "3", "--output-dir",
+                    str(resumed), "--resume", str(resumed))  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = load_file(str(resumed / "lora.safetensors")), load_file(str(two / "lora.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+# Rank 1's loss turns NaN at step 2; the others' stays finite.
+_POISON_RANK_1 = """
+import sys
+import torch
+from sai_diffusion import cli
+from sai_diffusion.training import recipe
+
+loss = recipe._loss
+
+def poisoned(run, batch):
+    value = loss(run, batch)
+    if run.accelerator.process_index == 1 and run.step == 1:
+        return value * torch.tensor(float("nan"))
+    return value
+
+recipe._loss = poisoned
+sys.argv = ["sai-train-lora", *sys.argv[1:]]
+cli.train_entry()
+"""
+
+
+def test_a_nan_on_one_rank_ends_every_rank_with_exit_3_and_the_same_message(
+    tiny_pipeline_dir, tmp_path
+):
+    """Guards the hang: the poisoned rank used to stop alone while the others waited in the
+    next all-reduce. Two processes started as a launcher starts them (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR/PORT); both exit 3 with one identical error line naming rank 1."""
+    concept = make_concept(tmp_path / "concept")
+    args = ["--concept", str(concept), "--base-model", str(tiny_pipeline_dir), "--resolution",
+            "64", "--max-steps", "4", "--set", "validation_seeds=[]", "--output-dir",
+            str(tmp_path / "run")]  # fmt: skip
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _POISON_RANK_1, *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )  # fmt: skip
+        )
+    results = [p.communicate(timeout=240) for p in procs]
+    codes = [p.returncode for p in procs]
+    errors = [
+        [line for line in err.splitlines() if line.startswith("error:")] for _, err in results
+    ]
+    assert codes == [3, 3], (codes, [err[-2000:] for _, err in results])
+    assert errors[0] == errors[1] and len(errors[0]) == 1
+    assert "at step 2 (on rank 1 of 2)" in errors[0][0]
+    assert "Traceback" not in results[0][1] + results[1][1]
