@@ -182,10 +182,31 @@ class CompareApp:
                 key = by_name[key][0]
             if key not in index:
                 known = ", ".join(sorted(index)) or "(none)"
-                raise UserError(f"No run '{key}' under {self.runs_dir}; runs there: {known}.")
+                raise UserError(
+                    f"{self.missing([key])} Press Rescan to refresh the list; runs there: {known}."
+                )
             if index[key] not in runs:
                 runs.append(index[key])
         return runs
+
+    def missing(self, keys: list[str]) -> str:
+        """How a message on chosen runs that are not here starts: the page lists the runs as
+        they were at its last scan, and a folder may have been deleted since."""
+        return (
+            f"No run {_quoted(keys)} under {self.runs_dir}: deleted or moved since the list "
+            "was loaded?"
+        )
+
+    def present(self, selected: list[str] | None, index: dict[str, RunInfo]) -> list[str]:
+        """The chosen runs that are in ``index``; one warning names the others, which the
+        training views leave out."""
+        selected = list(selected or [])
+        if gone := [k for k in selected if k not in index]:
+            gr.Warning(
+                f"{self.missing(gone)} The training views leave {'them' if gone[1:] else 'it'} "
+                "out; press Rescan to refresh the list."
+            )
+        return [k for k in selected if k in index]
 
     @user_errors
     def scan(self, group: str | None, selected: list[str] | None):
@@ -211,18 +232,25 @@ class CompareApp:
 
     @user_errors
     def pick_group(self, group: str | None, selected: list[str] | None, index=None):
+        """The runs of ``group`` to pick from; the chosen ones of it stay chosen, and a chosen
+        run whose folder is gone is taken out, saying so."""
         index = index if index is not None else self.index()
+        if gone := [k for k in selected or [] if k not in index]:
+            gr.Warning(
+                f"No run {_quoted(gone)} under {self.runs_dir} any more: taken out of the list."
+            )
         labels = run_labels(index)
         groups = group_runs(index)
         keys = groups.get(group, list(index)) if group != ALL_RUNS else list(index)
         keep = [k for k in selected or [] if k in keys]
-        return gr.Dropdown(choices=[(labels[k], k) for k in keys], value=keep)
+        # multiselect again: an update without it reads the list as one value (and warns)
+        return gr.Dropdown(choices=[(labels[k], k) for k in keys], value=keep, multiselect=True)
 
     # -- prompts and training views for the chosen runs
     @user_errors
     def show_runs(self, selected: list[str] | None, prompt: str, smoothing: float):
         index = self.index()
-        keys = [k for k in selected or [] if k in index]
+        keys = self.present(selected, index)
         labels = run_labels(index)
         prompts = _prompts([index[k] for k in keys])
         offered = {  # what an earlier choice of runs put there; the user's own text stays
@@ -244,7 +272,7 @@ class CompareApp:
     @user_errors
     def replot(self, selected: list[str] | None, smoothing: float):
         index = self.index()
-        keys = [k for k in selected or [] if k in index]
+        keys = self.present(selected, index)
         return loss_figure(index, keys, run_labels(index), smoothing)
 
     # -- images
@@ -317,6 +345,10 @@ class CompareApp:
             return "No run is training."
         self.training.stop()
         return f"Stopped; continue it with sai-train-lora --resume {self.training.run_dir}"
+
+
+def _quoted(keys: list[str]) -> str:
+    return ", ".join(f"'{k}'" for k in keys)
 
 
 def _group_choices(groups: dict[str, list[str]]) -> list[str]:

@@ -62,7 +62,9 @@ class Comparer:
 
     ``comparer.runs`` are the given runs, in order; a run whose folder name repeats another's
     (or is "base") is renamed ``parent/name`` there, and that name keys its images.
-    ``generate`` holds a lock: the pipeline's active adapter and token rows are shared state.
+    Each run's images are drawn holding a lock (``active``): the pipeline's active adapter,
+    its weight and the token rows are shared state, so calls from several threads (app
+    requests sharing a cached Comparer) never draw one run with another's.
 
     Raises:
         UserError: no runs, an unfinished run, a run given twice, runs on different base

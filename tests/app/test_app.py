@@ -4,6 +4,7 @@ of the app that translate widget values (seeds, the training command, error mess
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -11,9 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,7 @@ from sai_diffusion.files.run_dir import index_runs
 from tests.helpers import make_concept, train_tiny
 
 RUNS = {"sgd-sai": "thing/sgd-sai", "adamw": "thing/adamw"}
+PROMPT = "a pencil sketch of <Vthing>"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NO_BROWSER = (
     "no chromium on PATH (Debian: apt-get install chromium)"
@@ -79,10 +84,11 @@ def _get(url: str) -> int:
         return exc.code
 
 
-@pytest.fixture(scope="module")
-def server(runs_dir: Path) -> str:
-    """A real ``sai-app`` process on a free port; gradio's cache and temp files go under the
-    test's folder. Stopped with Ctrl-C (SIGINT), as a user would."""
+@contextlib.contextmanager
+def serving(runs_dir: Path) -> Iterator[str]:
+    """A real ``sai-app`` process over ``runs_dir`` on a free port; gradio's cache, temp files
+    and the log (``sai-app.log``) go beside ``runs_dir``. Stopped with Ctrl-C (SIGINT), as a
+    user would."""
     port = _free_port()
     work = runs_dir.parent
     env = {**os.environ, "GRADIO_TEMP_DIR": str(work / "gradio"), "TMPDIR": str(work)}
@@ -94,23 +100,31 @@ def server(runs_dir: Path) -> str:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
-    while True:
-        assert proc.poll() is None, (work / "sai-app.log").read_text()
-        try:
-            if _get(url + "/") == 200:
-                break
-        except OSError:
-            pass
-        assert time.time() < deadline, "sai-app did not answer within 90 s"
-        time.sleep(0.5)
-    yield url
-    proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+        while True:
+            assert proc.poll() is None, (work / "sai-app.log").read_text()
+            try:
+                if _get(url + "/") == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "sai-app did not answer within 90 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(runs_dir: Path) -> Iterator[str]:
+    with serving(runs_dir) as url:
+        yield url
 
 
 def test_compare_endpoint_returns_the_grid_png(server, runs_dir):
@@ -147,6 +161,83 @@ def test_only_files_under_the_runs_folder_are_served(server, runs_dir):
     for path in ("/etc/passwd", runs_dir.parent / "secret.txt", f"{runs_dir}/../secret.txt"):
         assert _get(f"{server}/gradio_api/file={path}") in (403, 404), path
     assert _get(f"{server}/file=/etc/passwd") in (403, 404)
+
+
+def test_concurrent_compares_give_the_grids_of_the_same_calls_one_by_one(server):
+    """Two /compare calls at once, one per run, each from its own client: each grid is pixel
+    for pixel the grid the same call gives alone, so neither was drawn with the other run's
+    LoRA or token vector. The runs' images differ, so a mix-up would show."""
+    from gradio_client import Client
+
+    def grid(run: str, start: threading.Barrier | None = None) -> Image.Image:
+        client = Client(server, verbose=False)
+        if start is not None:
+            start.wait(timeout=60)
+        path = client.predict([run], PROMPT, "1,2", 2, 7.5, 1.0, "", api_name="/compare")
+        return Image.open(path).convert("RGB")
+
+    runs = list(RUNS.values())
+    alone = {run: grid(run) for run in runs}
+    start = threading.Barrier(len(runs))
+    with ThreadPoolExecutor(len(runs)) as pool:
+        together = dict(zip(runs, pool.map(lambda run: grid(run, start), runs), strict=True))
+    for run in runs:
+        assert together[run].tobytes() == alone[run].tobytes(), run
+    tiles = {  # the bottom row: the run's two 64 px images
+        run: image.crop((image.width - 128, image.height - 64, image.width, image.height))
+        for run, image in alone.items()
+    }
+    assert tiles[RUNS["sgd-sai"]].tobytes() != tiles[RUNS["adamw"]].tobytes()
+
+
+@pytest.fixture(scope="module")
+def spare(runs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A second sai-app over a copy of ``runs/``, for tests that delete runs under it."""
+    runs = tmp_path_factory.mktemp("spare") / "runs"
+    shutil.copytree(runs_dir, runs, ignore=shutil.ignore_patterns("tensorboard"))
+    with serving(runs) as url:
+        yield url, runs
+
+
+def test_compare_on_a_run_deleted_while_the_app_is_open_is_one_message(spare):
+    """A run compared once (its model now cached), then its folder deleted: /compare on it
+    answers one message that names the run and says to press Rescan, with no traceback in
+    the answer or in the app's log; the app goes on comparing the other runs."""
+    from gradio_client import Client
+
+    url, runs = spare
+    doomed = runs / "thing" / "doomed"
+    shutil.copytree(runs / "thing" / "adamw", doomed)
+    client = Client(url, verbose=False)
+    settings = (PROMPT, "1", 2, 7.5, 1.0, "")
+    assert Image.open(client.predict(["thing/doomed"], *settings, api_name="/compare")).size
+    shutil.rmtree(doomed)
+    with pytest.raises(Exception, match=r"'thing/doomed'.*Rescan") as err:
+        client.predict(["thing/doomed"], *settings, api_name="/compare")
+    assert "Traceback" not in str(err.value)
+    assert Image.open(client.predict(["thing/sgd-sai"], *settings, api_name="/compare")).size
+    assert "Traceback" not in (runs.parent / "sai-app.log").read_text()
+
+
+def test_views_and_rescan_name_a_deleted_run_once(app_module, runs_dir, tmp_path):
+    """The page's handlers, called here: the training views of runs one of which was deleted
+    after the page listed it draw the other, with one warning that names the deleted run and
+    says to press Rescan; Rescan takes it out of the list and the selection, saying so."""
+    runs = tmp_path / "runs"
+    shutil.copytree(runs_dir / "thing", runs / "thing")
+    app = app_module.CompareApp(runs)
+    shutil.rmtree(runs / "thing" / "adamw")
+    chosen, sgd_label = list(RUNS.values()), "thing · sgd-sai lr=0.05 · 2 steps"
+    with pytest.warns(UserWarning, match=r"'thing/adamw'.*Rescan") as warned:
+        _, loss, _, table, _ = app.show_runs(chosen, "", 0.9)
+    assert len(warned) == 1
+    assert [line.get_label() for line in loss.axes[0].lines][1::2] == [sgd_label]  # raw, EMA
+    assert [row[0] for row in table.value["data"]] == [sgd_label]
+    with pytest.warns(UserWarning, match=r"'thing/adamw'.*Rescan"):
+        app.replot(chosen, 0.5)
+    with pytest.warns(UserWarning, match=r"'thing/adamw'.*taken out") as warned:
+        _, picked, _ = app.scan(None, chosen)
+    assert len(warned) == 1 and picked.value == [RUNS["sgd-sai"]]
 
 
 @pytest.mark.browser
@@ -201,6 +292,51 @@ def test_browser_picks_runs_generates_and_shows_curves(server, runs_dir, tmp_pat
         finally:
             browser.close()
     assert Image.open(tmp_path / "images.png").size[0] == 1280
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(bool(NO_BROWSER), reason=NO_BROWSER)
+def test_browser_names_a_run_deleted_after_the_page_listed_it(spare, tmp_path):
+    """In chromium, the page lists thing/gone, then its folder is deleted: picking it shows
+    one message naming it and saying to press Rescan, never a traceback; Rescan takes it out
+    of the list, saying so; the other run's training curves still draw."""
+    from playwright.sync_api import sync_playwright
+
+    url, runs = spare
+    gone = runs / "thing" / "gone"
+    shutil.copytree(runs / "thing" / "sgd-sai", gone)
+    index = index_runs(runs)
+    listed = run_labels(index)  # as the page lists them: "· thing/gone" tells the copies apart
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            page.get_by_text(f"{len(index)} runs").wait_for()  # the page's scan is done
+            shutil.rmtree(gone)
+            page.click("#runs input")
+            option = '#runs li[data-testid="dropdown-option"][aria-label="{}"]'
+            page.click(option.format(listed["thing/gone"]))
+            page.keyboard.press("Escape")
+            toast = page.locator(".toast-body", has_text="thing/gone")
+            toast.wait_for(timeout=20_000)
+            assert toast.count() == 1 and "Rescan" in toast.inner_text()
+            page.get_by_role("button", name="Rescan").click()
+            page.locator(".toast-body", has_text="taken out").wait_for(timeout=20_000)
+            page.click("#runs input")
+            options = page.locator('#runs li[data-testid="dropdown-option"]')
+            options.first.wait_for()
+            assert "thing/gone" not in " ".join(options.all_inner_texts())
+            assert "Traceback" not in page.content()
+
+            sgd = run_labels(index_runs(runs))["thing/sgd-sai"]  # "· thing/sgd-sai" is no more
+            page.click(option.format(sgd))
+            page.keyboard.press("Escape")
+            page.get_by_role("tab", name="Training").click()
+            page.wait_for_selector("#loss-plot img", timeout=20_000)
+            page.screenshot(path=str(tmp_path / "gone.png"), full_page=True)
+        finally:
+            browser.close()
 
 
 # ------------------------------------------------------------------ translation, no server

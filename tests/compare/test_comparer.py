@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -124,6 +126,31 @@ def test_same_settings_give_the_same_images_whatever_the_order(comparer, runs):
     for name in ("sgd-sai", "adamw"):
         assert [pixels(i) for i in first[name]] == [pixels(i) for i in again[name]]
         assert [pixels(i) for i in first[name]] == [pixels(i) for i in other[name]]
+
+
+def test_threads_sharing_a_comparer_get_the_images_each_gets_alone(comparer):
+    """Two generate calls at once on one Comparer (two app requests on a cached one), with
+    different seeds and LoRA weights: each gets the pixels it gets alone. The lock holds a
+    run's adapter, weight and token vector through its images, so the other call cannot
+    switch them mid-image."""
+    calls = [
+        {"seeds": [1, 2], "lora_weight": 1.0},
+        {"seeds": [3], "lora_weight": 0.5, "with_base": True},
+    ]
+    alone = [comparer.generate(PROMPT, **call, **SAMPLE) for call in calls]
+    start = threading.Barrier(len(calls))
+
+    def at_once(call: dict) -> dict[str, list[Image.Image]]:
+        start.wait(timeout=60)
+        return comparer.generate(PROMPT, **call, **SAMPLE)
+
+    for _ in range(3):  # a few tries at interleaving; each is well under a second
+        with ThreadPoolExecutor(len(calls)) as pool:
+            together = list(pool.map(at_once, calls))
+        for got, want in zip(together, alone, strict=True):
+            assert {n: [pixels(i) for i in row] for n, row in got.items()} == {
+                n: [pixels(i) for i in row] for n, row in want.items()
+            }
 
 
 def test_lora_weight_zero_is_the_base_model_pixel_for_pixel(comparer, runs, tiny_pipeline_dir):
