@@ -140,10 +140,14 @@ def _check_resume_settings(
     given |= config.parse_set(set_items)
     given.pop("max_steps", None)
     probe = config.apply_overrides(dataclasses.replace(cfg), given, "command line")
+
+    def value(c: config.TrainConfig, key: str) -> object:  # lr: the one the run trains at
+        return c.resolved_lr(concept) if key == "lr" else getattr(c, key)
+
     differ += [
-        f"{key}: {getattr(cfg, key)!r} in {RUN_FILE}, {getattr(probe, key)!r} given"
+        f"{key}: {value(cfg, key)!r} in {RUN_FILE}, {value(probe, key)!r} given"
         for key in given
-        if getattr(probe, key) != getattr(cfg, key)
+        if value(probe, key) != value(cfg, key)
     ]
     if differ:
         raise UserError(

@@ -118,7 +118,9 @@ def test_diffusers_file_loads_at_the_trained_strength_with_its_header_ignored(
         ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer",
          "lora_te_text_model_encoder_layers_0_self_attn_q_proj"),
     ]:  # fmt: skip
-        blind_delta = tensors[f"{diffusers_key}.up.weight"] @ tensors[f"{diffusers_key}.down.weight"]
+        blind_delta = (
+            tensors[f"{diffusers_key}.up.weight"] @ tensors[f"{diffusers_key}.down.weight"]
+        )
         rank = kohya[f"{kohya_key}.lora_down.weight"].shape[0]
         trained_delta = (kohya[f"{kohya_key}.alpha"] / rank) * (
             kohya[f"{kohya_key}.lora_up.weight"] @ kohya[f"{kohya_key}.lora_down.weight"]
