@@ -180,6 +180,9 @@ class Candidate:
     label: str
     build: Callable[[NamedParams, float, float], torch.optim.Optimizer]
     state_per_param: int  # buffers the size of the parameters it keeps (memory estimate)
+    # fp32 words the update must read and write per parameter: its floor is this traffic at the
+    # machine's copy bandwidth (SGD momentum / SGD-SaI: read p, g, m, write p, m; AdamW: + v)
+    words_moved: int = 5
     lora_only: bool = False
     mutates_grads: bool = False  # peft's preconditioner rewrites .grad in place
     module: str | None = None  # optional package it needs
@@ -204,9 +207,15 @@ def _sgd_sai_pytorch_optimizer(named, lr, wd):
 CANDIDATES = [
     Candidate(
         "sgd-sai",
+        "SGD-SaI (ours, fused: the default)",
+        lambda named, lr, wd: SGDSaI(_params(named), lr=lr, momentum=0.9, weight_decay=wd),
+        state_per_param=1,
+    ),
+    Candidate(
+        "sgd-sai-foreach",
         "SGD-SaI (ours, foreach)",
         lambda named, lr, wd: SGDSaI(
-            _params(named), lr=lr, momentum=0.9, weight_decay=wd, foreach=True
+            _params(named), lr=lr, momentum=0.9, weight_decay=wd, foreach=True, fused=False
         ),
         state_per_param=1,
     ),
@@ -217,12 +226,14 @@ CANDIDATES = [
             _params(named), lr=lr, weight_decay=wd, foreach=True
         ),
         state_per_param=2,
+        words_moved=7,
     ),
     Candidate(
         "adamw-fused",
         "AdamW (torch, fused)",
         lambda named, lr, wd: torch.optim.AdamW(_params(named), lr=lr, weight_decay=wd, fused=True),
         state_per_param=2,
+        words_moved=7,
     ),
     Candidate(
         "sgd-foreach",
@@ -251,11 +262,30 @@ CANDIDATES = [
         "scaled-AdamW (peft, build_optimizer)",
         lambda named, lr, wd: build_optimizer("scaled-adamw", named, lr=lr, weight_decay=wd),
         state_per_param=2,
+        words_moved=7,  # AdamW's traffic; its r x r preconditioner solves are extra
         lora_only=True,
         mutates_grads=True,
     ),
 ]
 BASELINE = "adamw-foreach"
+FUSED_ADAMW = "adamw-fused"
+
+
+def copy_bandwidth(device: torch.device, *, mib: int = 256, repeats: int = 10) -> float:
+    """Bytes per second of a large ``copy_`` (read + write counted), median of ``repeats``:
+    the memory bandwidth an elementwise update can hope for on this machine."""
+    src = torch.rand(mib * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):  # the first one pages the memory in
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / statistics.median(times[1:])
 
 
 def unavailable_reason(candidate: Candidate, device: torch.device) -> str | None:
@@ -350,11 +380,15 @@ def quantiles(values: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def summarise(runs: dict[str, Measured], baseline: str) -> list[dict]:
-    """Per optimizer: medians, and per-repeat ratios to the baseline (same repeat, same load)."""
+def summarise(
+    runs: dict[str, Measured], baseline: str, *, numel: int, bandwidth: float
+) -> list[dict]:
+    """Per optimizer: medians, the floor (its traffic at ``bandwidth``), and per-repeat ratios
+    to the baseline (same repeat, same load)."""
     base = runs.get(baseline)
     rows = []
     for key, run in runs.items():
+        floor_s = numel * 4 * run.candidate.words_moved / bandwidth
         row = dict(
             key=key,
             label=run.candidate.label,
@@ -364,6 +398,8 @@ def summarise(runs: dict[str, Measured], baseline: str) -> list[dict]:
             step_s=statistics.median(run.step_s),
             step_s_iqr=quantiles(run.step_s)[::2],
             step_s_all=run.step_s,
+            floor_s=floor_s,
+            step_vs_floor=statistics.median(run.step_s) / floor_s,
         )
         if base is not None:
             row["state_vs_adamw"] = run.state_bytes / base.state_bytes
@@ -389,6 +425,14 @@ def check_targets(param_set: ParamSet, runs: dict[str, Measured]) -> list[dict]:
     checks.append(
         dict(target="state = 0.5x AdamW(foreach)", value=state, met=abs(state - 0.5) <= 0.01)
     )
+    if FUSED_ADAMW in runs:
+        q1, q2, q3 = step_ratio(runs, "sgd-sai", FUSED_ADAMW)
+        checks.append(
+            dict(target="step <= 0.8x AdamW(fused)", value=q2, iqr=(q1, q3), met=q2 <= 0.8)
+        )
+    sai = runs["sgd-sai"]
+    first = statistics.median(sai.first_step_s) / statistics.median(sai.step_s)
+    checks.append(dict(target="first (g-SNR) step <= 2 steady steps", value=first, met=first <= 2))
     if param_set.lora:
         q1, q2, q3 = step_ratio(runs, "sgd-sai", BASELINE)
         checks.append(
@@ -418,8 +462,8 @@ def _mb(nbytes: int) -> str:
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| optimizer | state MiB | state / AdamW | first step ms | step ms (median [IQR]) "
-        "| step / AdamW (median [IQR]) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| step / AdamW (median [IQR]) | floor ms | step / floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lo, hi = row["step_s_iqr"]
@@ -431,7 +475,7 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {row['label']} | {_mb(row['state_bytes'])} | {state_ratio} "
             f"| {_ms(row['first_step_s'])} | {_ms(row['step_s'])} [{_ms(lo)}, {_ms(hi)}] "
-            f"| {ratio} |"
+            f"| {ratio} | {_ms(row['floor_s'])} | {row['step_vs_floor']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -528,7 +572,7 @@ def bench_set(param_set: ParamSet, device: torch.device, args: argparse.Namespac
         gc.enable()
     if not all(torch.isfinite(p).all() for _, p in named):
         print(f"warning: {param_set.name}: parameters went non-finite; lower --lr", file=sys.stderr)
-    rows = summarise(runs, BASELINE)
+    rows = summarise(runs, BASELINE, numel=param_set.numel, bandwidth=args.bandwidth)
     checks = check_targets(param_set, runs)
     print(
         f"### {param_set.name}: {param_set.description}\n\n{param_set.numel:,} parameters in "
@@ -611,7 +655,9 @@ def main(argv: list[str] | None = None) -> None:
         sets=[],
     )
     chosen = parse_sets(args.set, args.size, device)
-    print(f"machine: {report['machine']}\n")
+    args.bandwidth = report["copy_bandwidth_bytes_per_s"] = copy_bandwidth(device)
+    print(f"machine: {report['machine']}")
+    print(f"copy bandwidth (256 MiB copy_, read + write): {args.bandwidth / 1e9:.1f} GB/s\n")
 
     for name, size in chosen:
         report["sets"].append(bench_set(build_param_set(name, size), device, args))

@@ -13,4 +13,7 @@ python -m pip install -q -e ".[dev]"
 # Only the CLIP BPE vocabulary file is used (to build tokenizers offline); --no-deps keeps
 # torchvision out.
 python -m pip install -q --no-deps clip-anytorch==2.6.0
+# SGD-SaI's fused CPU update is compiled once here (about a minute; torch caches it) rather
+# than at the first training step; without a C++ compiler the foreach update is used instead.
+python -c "from sai_diffusion.optim import fused; print('fused SGD-SaI CPU update:', 'built' if fused.cpu_kernel() else 'not built (foreach update)')"
 echo "sai-diffusion installed in .venv (python $(python -c 'import sys; print(sys.version.split()[0])'), torch $(python -c 'import torch; print(torch.__version__)'))"

@@ -48,6 +48,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import fused
+
 NORMALIZE_MODES = ("max", "none")
 # The update of a chunk needs one temporary the size of the chunk; bound it to 256 MB of fp32.
 _CHUNK_NUMEL = 1 << 26
@@ -75,6 +77,9 @@ class SGDSaI(Optimizer):
         normalize: ``"max"`` (paper: scales in (0, 1]) or ``"none"`` (released sgd-sai 1.0.3).
         maximize: ascend instead of descend.
         foreach: multi-tensor kernels (default) or a per-tensor loop; both give identical results.
+        fused: the one-pass C++ update for CPU float32 / float64 tensors (``optim/fused.py``),
+            equal to the foreach path up to rounding. None (default): where it applies and
+            builds; True: the same, but a kernel that cannot be built is an error; False: never.
 
     Raises:
         ValueError: for an invalid hyperparameter, naming it and its valid range.
@@ -90,6 +95,7 @@ class SGDSaI(Optimizer):
         normalize: str = "max",
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         _check_hyperparameters(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps)
         if normalize not in NORMALIZE_MODES:
@@ -103,6 +109,7 @@ class SGDSaI(Optimizer):
             eps=eps,
             maximize=maximize,
             foreach=foreach,
+            fused=fused,
             normalize=normalize,  # saved with the groups, checked on load
         )
         self.normalize = normalize
@@ -205,7 +212,11 @@ class SGDSaI(Optimizer):
             if settled:
                 self._update_settled(group, settled)
         if fresh:
-            self._initialise(fresh)
+            kernel = self._fused_kernel(fresh)
+            if kernel is not None:
+                self._initialise_fused(fresh, kernel)
+            else:
+                self._initialise(fresh)
         return loss
 
     def _drain_in_flight(self) -> None:
@@ -245,10 +256,13 @@ class SGDSaI(Optimizer):
             stats.append((g, usable, degenerate, gsnr.float()))
 
         device = fresh[0][1].device
-        gsnr_max = self._update_gsnr_max(stats, device)
-        for st in self.state.values():  # blocks initialised before G_max existed learn it now
-            if "gsnr_max" in st:
-                st["gsnr_max"].copy_(gsnr_max)
+        candidates = torch.stack(
+            [
+                torch.where(usable & ~degenerate, gsnr, torch.zeros_like(gsnr)).to(device)
+                for _, usable, degenerate, gsnr in stats
+            ]
+        )
+        gsnr_max = self._freeze_gsnr_max(candidates)
 
         by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
         for (group, p), (g, nonzero, degenerate, gsnr) in zip(fresh, stats, strict=True):
@@ -301,30 +315,97 @@ class SGDSaI(Optimizer):
                 host, event = packed.to("cpu"), None
             self._in_flight.append((params, host, event))
 
-    def _update_gsnr_max(
-        self, stats: list[tuple[Tensor, Tensor, Tensor, Tensor]], device
-    ) -> Tensor:
-        """The max g-SNR over initialised non-degenerate blocks, frozen once it exists."""
-        candidates = torch.stack(
-            [
-                torch.where(nonzero & ~degenerate, gsnr, torch.zeros_like(gsnr)).to(device)
-                for _, nonzero, degenerate, gsnr in stats
-            ]
-        )
+    def _freeze_gsnr_max(self, candidates: Tensor) -> Tensor:
+        """The max g-SNR over this step's usable non-degenerate blocks (``candidates``, 0 for the
+        others), frozen once it exists; every block's ``gsnr_max`` state learns it."""
         step_max = candidates.max()
         step_max = torch.where(step_max > 0, step_max, torch.full_like(step_max, math.nan))
         if self._gsnr_max is None:
             self._gsnr_max = step_max
         else:
-            old = self._gsnr_max.to(device)
+            old = self._gsnr_max.to(step_max.device)
             self._gsnr_max = torch.where(torch.isnan(old), step_max, old)
+        for st in self.state.values():  # blocks initialised before G_max existed learn it now
+            if "gsnr_max" in st:
+                st["gsnr_max"].copy_(self._gsnr_max)
         return self._gsnr_max
+
+    def _fused_kernel(self, fresh: list[tuple[dict[str, Any], Tensor]]):
+        """The fused CPU kernel when every fresh block can take it (one max over all of them
+        is computed in one place), else None."""
+        for group, p in fresh:
+            if group.get("fused") is False or p.device.type != "cpu":
+                return None
+            if p.dtype not in (torch.float32, torch.float64) or not p.is_contiguous():
+                return None
+            if not p.grad.is_contiguous():
+                return None
+        kernel = fused.cpu_kernel()
+        if kernel is None and any(group.get("fused") for group, _ in fresh):
+            raise RuntimeError(f"SGDSaI(fused=True): {fused.failure()}")
+        return kernel
+
+    def _initialise_fused(self, fresh: list[tuple[dict[str, Any], Tensor]], kernel) -> None:
+        """``_initialise`` on the CPU with the fused kernel: the statistics of every fresh
+        gradient in one call (two passes each, float64 sums), the scales as tensor ops over all
+        blocks at once, and the first update writing m = g and p in one pass per block.
+        Same rules; results equal ``_initialise``'s to rounding."""
+        params = [p for _, p in fresh]
+        grads = [p.grad for p in params]
+        stats = kernel.gsnr_stats(grads)  # (n, 3): sum g^2, sum (g - mean)^2, all equal
+        numel = torch.tensor([p.numel() for p in params], dtype=torch.float64)
+        eps = torch.tensor([group["eps"] for group, _ in fresh], dtype=torch.float64)
+        correction = 0 if self.normalize == "max" else 1
+        norm = stats[:, 0].sqrt()
+        std = (stats[:, 1] / (numel - correction).clamp_min(1)).sqrt()
+        # all elements equal, or a variance too small to represent (as var == 0 in _initialise)
+        degenerate = (numel <= 1) | (stats[:, 2] > 0) | (std == 0)
+        gsnr = torch.where(degenerate, 0.0, norm / (std + eps)).float()
+        usable = torch.isfinite(norm) & (norm > 0)
+        gsnr_max = self._freeze_gsnr_max(torch.where(usable & ~degenerate, gsnr, 0.0))
+        ratio = torch.clamp(gsnr / gsnr_max, max=1.0) if self.normalize == "max" else gsnr
+        scale = torch.where(usable, torch.where(degenerate, 1.0, ratio), 0.0)
+
+        scales, flags = scale.tolist(), usable.tolist()
+        # each block's 0-dim state entries are views of these (n,) tensors: one allocation per
+        # entry kind instead of one per block (torch.save stores a shared storage once, and
+        # load_state_dict gives every block its own copy); the blocks' G_max views share one
+        # element, which _freeze_gsnr_max only ever sets to the common value
+        per_block = zip(
+            fresh, gsnr.unbind(), scale.unbind(), usable.unbind(), degenerate.unbind(),
+            gsnr_max.clone().expand(len(fresh)).unbind(), strict=True,
+        )  # fmt: skip
+        by_group: dict[int, list[int]] = {}
+        for i, ((group, p), gsnr_i, scale_i, usable_i, degenerate_i, max_i) in enumerate(per_block):
+            state = self.state[p]
+            state.update(
+                gsnr=gsnr_i, scale=scale_i, gsnr_max=max_i, initialised=usable_i,
+                degenerate=degenerate_i,
+            )  # fmt: skip
+            if flags[i]:
+                self._scales[p] = scales[i]
+                by_group.setdefault(id(group), []).append(i)
+            if group["momentum"] != 0:  # the fused update below writes it (m = g)
+                state["momentum_buffer"] = torch.empty_like(p.grad)
+                if not flags[i]:  # left fresh: m = g, as _initialise keeps it
+                    state["momentum_buffer"].copy_(-p.grad if group["maximize"] else p.grad)
+        for members in by_group.values():
+            group = fresh[members[0]][0]
+            chosen = [params[i] for i in members]
+            moms = [self.state[p]["momentum_buffer"] for p in chosen] if group["momentum"] else []
+            lr = group["lr"]
+            kernel.sgd_sai_step_(
+                chosen, [p.grad for p in chosen], moms, [scales[i] for i in members],
+                lr, 0.0, 1.0 - lr * group["weight_decay"], group["maximize"], True,
+            )  # fmt: skip
 
     def _update_settled(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """theta <- theta (1 - lr wd) - lr scale m, for blocks whose scale is known."""
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         foreach = group["foreach"] is not False
         for batch in _group_by_device_and_dtype(params):
+            if self._fused_update(group, batch):
+                continue
             # CPU: one in-place addcmul with the 0-dim scale tensors of the state, no temporary.
             # CUDA: a 0-dim tensor list would leave foreach's fast path, so the scales are host
             # floats and the scaled direction is a temporary, bounded by chunking.
@@ -350,6 +431,31 @@ class SGDSaI(Optimizer):
                 if low_precision:
                     for p, theta in zip(chunk, thetas, strict=True):
                         p.copy_(theta)
+
+    def _fused_update(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """The one-pass CPU kernel over ``params`` (one device and dtype) where it applies;
+        False leaves them to the foreach / loop path."""
+        first = params[0]
+        if group.get("fused") is False or first.device.type != "cpu":
+            return False
+        if first.dtype not in (torch.float32, torch.float64):
+            return False
+        kernel = fused.cpu_kernel()
+        if kernel is None:
+            if group.get("fused"):
+                raise RuntimeError(f"SGDSaI(fused=True): {fused.failure()}")
+            return False
+        mu = group["momentum"]
+        grads = [p.grad for p in params]
+        moms = [self.state[p]["momentum_buffer"] for p in params] if mu != 0 else []
+        if not all(t.is_contiguous() for t in (*params, *grads, *moms)):
+            return False
+        lr = group["lr"]
+        kernel.sgd_sai_step_(
+            params, grads, moms, [self._scales[p] for p in params],
+            lr, mu, 1.0 - lr * group["weight_decay"], group["maximize"], False,
+        )  # fmt: skip
+        return True
 
     # ----------------------------------------------------------------------------- read-out
     def gsnr_table(self, names: dict[Tensor, str] | None = None) -> list[dict[str, Any]]:

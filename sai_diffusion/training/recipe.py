@@ -321,6 +321,11 @@ def _training_state(run: Run) -> TrainingState:
     )
 
 
+def _plain(run: Run, module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself, without DDP or torch.compile around it (its parameter names)."""
+    return run.accelerator.unwrap_model(module, keep_torch_compile=False)
+
+
 def _unwrap_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
 
@@ -560,8 +565,8 @@ def validate_samples(run: Run, tag: str | None = None) -> list[Path]:
     cfg = run.cfg
     pipe = sampling_pipeline(
         run.pipe,
-        text_encoder=run.accelerator.unwrap_model(run.text_encoder),
-        unet=run.accelerator.unwrap_model(run.unet),
+        text_encoder=_plain(run, run.text_encoder),
+        unet=_plain(run, run.unet),
     )
     settings = SampleSettings(
         steps=cfg.sample_steps,
@@ -623,9 +628,8 @@ def _check_scales_agree(run: Run, optimizer: SGDSaI) -> None:
 
 
 def _write_outputs(run: Run, optimizer) -> dict[str, Path]:
-    acc, cfg = run.accelerator, run.cfg
-    unet = acc.unwrap_model(run.unet)
-    text_encoder = acc.unwrap_model(run.text_encoder)
+    cfg = run.cfg
+    unet, text_encoder = _plain(run, run.unet), _plain(run, run.text_encoder)
     bake_token_embeddings(text_encoder)
     metadata = {
         "optimizer": cfg.optimizer,

@@ -35,7 +35,12 @@ from .reference import block_gsnr, sgd_sai_reference
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 DTYPES = [pytest.param(F32, id="fp32"), pytest.param(F64, id="fp64"), pytest.param(BF16, id="bf16")]
-FOREACH = [pytest.param(False, id="loop"), pytest.param(True, id="foreach")]
+# the update paths: the per-tensor loop, the foreach kernels, the fused one-pass CPU kernel
+PATHS = [
+    pytest.param(dict(foreach=False, fused=False), id="loop"),
+    pytest.param(dict(foreach=True, fused=False), id="foreach"),
+    pytest.param(dict(fused=True), id="fused"),
+]
 
 # One table of optimizer settings drives the numerical tests (lr sized so that raw "none" scales of
 # ~5-20 keep the steps moderate).
@@ -192,17 +197,17 @@ def test_reference_matches_sgd_sai_release_under_none():
 # ----------------------------------------------------- 1. Algorithm 1 vs the float64 reference
 
 
-@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kw", CASES)
-def test_matches_float64_reference(kw, dtype, foreach):
+def test_matches_float64_reference(kw, dtype, path):
     """Ten steps over model-like blocks (2-D, 1-D, 4-D conv, 1-row) equal the float64
     re-derivation of Algorithm 1 (reference.py): params, scales, g-SNRs, G_max, momentum.
     Tolerance: rtol 1e-5 (fp32/fp64), norm-relative 2e-2 for bf16 params (module docstring)."""
     params = make_params(SHAPES, dtype)
     init = [p.detach().clone() for p in params]
     grads = make_grad_steps(SHAPES, 10)
-    opt = SGDSaI(params, foreach=foreach, **kw)
+    opt = SGDSaI(params, **path, **kw)
     run_steps(opt, params, grads)
     ref = sgd_sai_reference(
         init, as_dtype(grads, dtype), round_to=dtype if dtype == BF16 else None, **ref_kwargs(kw)
@@ -292,10 +297,10 @@ def make_mlp(dtype, seed=0):
     return SmallMLP().to(dtype)
 
 
-@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [pytest.param(F32, id="fp32"), pytest.param(F64, id="fp64")])
 @pytest.mark.parametrize("momentum,weight_decay", [(0.9, 0.1), (0.5, 0.0)])
-def test_none_reproduces_sgd_sai_release(dtype, foreach, momentum, weight_decay):
+def test_none_reproduces_sgd_sai_release(dtype, path, momentum, weight_decay):
     """normalize="none" reproduces sgd-sai 1.0.3 `SGD_sai` (same lr/momentum/eps/weight_decay) over
     a 20-step cross-entropy run of an MLP with LayerNorm: params and raw g-SNR within rtol 1e-5
     (atol 1e-6). Only numel > 1 blocks are comparable (1.0.3 gives a one-element block 5e7); this
@@ -305,7 +310,7 @@ def test_none_reproduces_sgd_sai_release(dtype, foreach, momentum, weight_decay)
     ours_model, their_model = make_mlp(dtype), make_mlp(dtype)
     assert all(p.numel() > 1 for p in ours_model.parameters())
     hp = dict(lr=1e-3, momentum=momentum, eps=1e-8, weight_decay=weight_decay)
-    ours = SGDSaI(ours_model.parameters(), normalize="none", foreach=foreach, **hp)
+    ours = SGDSaI(ours_model.parameters(), normalize="none", **path, **hp)
     theirs = SGD_sai(their_model.parameters(), **hp)
     losses = []
     with quiet():
@@ -331,8 +336,8 @@ def test_none_reproduces_sgd_sai_release(dtype, foreach, momentum, weight_decay)
         )
 
 
-@pytest.mark.parametrize("foreach", FOREACH)
-def test_none_raw_gsnr_matches_pytorch_optimizer_for_2d(foreach):
+@pytest.mark.parametrize("path", PATHS)
+def test_none_raw_gsnr_matches_pytorch_optimizer_for_2d(path):
     """With momentum=0 (pytorch-optimizer 4.1.0 starts its momentum at zero, so only momentum=0 has
     the same semantics) its raw g-SNR for 2-D tensors (rows > 1) equals our normalize="none" scale,
     and five steps give the same params (rtol 1e-5)."""
@@ -342,7 +347,7 @@ def test_none_raw_gsnr_matches_pytorch_optimizer_for_2d(foreach):
     ours_p, their_p = make_params(shapes, F32), make_params(shapes, F32)
     grads = make_grad_steps(shapes, 5)
     hp = dict(lr=2e-3, momentum=0.0, weight_decay=0.1, eps=1e-8)
-    ours = SGDSaI(ours_p, normalize="none", foreach=foreach, **hp)
+    ours = SGDSaI(ours_p, normalize="none", **path, **hp)
     theirs = PoSGDSaI(their_p, foreach=False, **hp)
     run_steps(ours, ours_p, grads[:1])
     run_steps(theirs, their_p, grads[:1])
@@ -390,9 +395,9 @@ def trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("normalize", ["max", "none"])
-def test_lora_a_deferred_until_first_nonzero_gradient(normalize, foreach):
+def test_lora_a_deferred_until_first_nonzero_gradient(normalize, path):
     """The LoRA trap (docs/dev/optimizer-spec.md, "Deferred blocks"): with B = 0 the gradient of
     A is exactly zero on step 1. A must not be touched (no decay) nor initialised on step 1,
     must initialise and move on step 2; under "max" every scale is <= 1 (A gets
@@ -405,9 +410,7 @@ def test_lora_a_deferred_until_first_nonzero_gradient(normalize, foreach):
     assert sum(is_a) == 2 and len(params) == 4
     init = [p.detach().clone() for p in params]
     lr = 0.1 if normalize == "max" else 1e-3
-    opt = SGDSaI(
-        params, lr=lr, momentum=0.9, weight_decay=0.1, normalize=normalize, foreach=foreach
-    )
+    opt = SGDSaI(params, lr=lr, momentum=0.9, weight_decay=0.1, normalize=normalize, **path)
     captured = []
     for step in range(5):
         model.zero_grad(set_to_none=True)
@@ -482,10 +485,10 @@ def with_scalar_grads(model, step):
     model(x.to(model.temp.dtype)).sum().backward()
 
 
-@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("normalize", ["max", "none"])
-def test_degenerate_blocks_step_with_scale_one(normalize, dtype, foreach):
+def test_degenerate_blocks_step_with_scale_one(normalize, dtype, path):
     """A one-element parameter and a bias with a constant gradient (variance exactly 0) get scale
     1.0, stay finite and move; their first step is theta*(1-lr*wd) - lr*g (float64 reference,
     rtol 1e-5); and adding them to the param list leaves every other block's scale bitwise
@@ -495,7 +498,7 @@ def test_degenerate_blocks_step_with_scale_one(normalize, dtype, foreach):
     degenerate = [model.fc2.bias, model.temp]
     others = [model.fc1.weight, model.fc1.bias, model.fc2.weight]
     lr = 0.05 if normalize == "max" else 1e-2  # scale-1 blocks must still move in bf16
-    hp = dict(lr=lr, momentum=0.9, weight_decay=0.1, normalize=normalize, foreach=foreach)
+    hp = dict(lr=lr, momentum=0.9, weight_decay=0.1, normalize=normalize, **path)
 
     with_scalar_grads(model, 0)
     g_bias = model.fc2.bias.grad
@@ -538,9 +541,9 @@ def test_degenerate_blocks_step_with_scale_one(normalize, dtype, foreach):
 # ------------------------------------------------------------------------ 5. deferred blocks
 
 
-@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("missing", ["none", "zeros"])
-def test_deferred_blocks(missing, foreach):
+def test_deferred_blocks(missing, path):
     """A block whose first gradient is None (or all zeros) is untouched (no decay, no momentum) and
     uninitialised; it initialises on its first non-zero gradient with min(gsnr / frozen G_max, 1)
     (one deferred block is above G_max and clips to 1, one below); a block that never gets a
@@ -564,7 +567,7 @@ def test_deferred_blocks(missing, foreach):
                 else [torch.zeros(10, dtype=F64), torch.zeros(3, 3, dtype=F64)]
             )
         steps.append(grads + late + [None])  # block 4 never gets a gradient
-    opt = SGDSaI(params, lr=0.1, momentum=0.9, weight_decay=0.1, foreach=foreach)
+    opt = SGDSaI(params, lr=0.1, momentum=0.9, weight_decay=0.1, **path)
 
     run_steps(opt, params, steps[:1])
     for i in (2, 3, 4):
@@ -806,8 +809,8 @@ def test_resume_restores_gmax_when_the_first_block_is_degenerate(tmp_path):
 # ------------------------------------------------------------------------- 8. param groups
 
 
-@pytest.mark.parametrize("foreach", FOREACH)
-def test_param_groups_own_hyperparameters_global_max(foreach):
+@pytest.mark.parametrize("path", PATHS)
+def test_param_groups_own_hyperparameters_global_max(path):
     """Each group steps with its own lr, weight_decay, momentum and eps, and the g-SNR max is
     global over all groups: a group of low-g-SNR blocks (few entries, zero-mean gradients; g-SNR
     is invariant to gradient magnitude, so "small" means noisy, not tiny) keeps scales well below
@@ -826,7 +829,7 @@ def test_param_groups_own_hyperparameters_global_max(foreach):
         dict(params=params[:2], lr=0.1, weight_decay=0.0, momentum=0.9),
         dict(params=params[2:], lr=0.02, weight_decay=0.3, momentum=0.5, eps=1e-4),
     ]
-    opt = SGDSaI(groups, lr=1.0, momentum=0.0, weight_decay=0.0, eps=1e-8, foreach=foreach)
+    opt = SGDSaI(groups, lr=1.0, momentum=0.0, weight_decay=0.0, eps=1e-8, **path)
     run_steps(opt, params, steps)
     ref = sgd_sai_reference(
         init,
@@ -946,7 +949,7 @@ def test_foreach_equals_loop_bitwise(seed, kw):
             p.detach().to(dt).requires_grad_()
             for p, dt in zip(make_params(shapes, F64, seed), dtypes, strict=True)
         ]
-        opt = SGDSaI(params, foreach=foreach, **kw)
+        opt = SGDSaI(params, foreach=foreach, fused=False, **kw)
         run_steps(opt, params, grads)
         results.append((params, opt))
     (p0, o0), (p1, o1) = results
@@ -1010,8 +1013,8 @@ def test_a_param_group_with_another_normalize_mode_is_refused():
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-@pytest.mark.parametrize("foreach", FOREACH)
-def test_a_non_finite_first_gradient_leaves_the_block_untouched_and_fresh(bad, foreach):
+@pytest.mark.parametrize("path", PATHS)
+def test_a_non_finite_first_gradient_leaves_the_block_untouched_and_fresh(bad, path):
     """Guards NaN * scale 0 = NaN: a fresh block whose first gradient holds a NaN or inf keeps
     its values (weight decay included), gets no scale and does not enter the max. From then on
     it trains exactly (bitwise) as a block whose first gradient was None (the deferred-block
@@ -1023,7 +1026,7 @@ def test_a_non_finite_first_gradient_leaves_the_block_untouched_and_fresh(bad, f
     runs = []
     for first in (poisoned, [None, good[0][1]]):
         params = make_params(shapes, F32)
-        opt = SGDSaI(params, lr=0.1, momentum=0.9, weight_decay=0.1, foreach=foreach)
+        opt = SGDSaI(params, lr=0.1, momentum=0.9, weight_decay=0.1, **path)
         run_steps(opt, params, [first])
         runs.append((params, opt))
     (params, opt), (deferred, _) = runs
@@ -1059,3 +1062,58 @@ def test_parameters_on_a_device_other_than_the_current_one_train_as_on_the_cpu()
         results.append([p.detach().cpu() for p in params])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- 13. the fused CPU update
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("kw", [CASES[0], CASES[1], CASES[2]])
+def test_fused_update_equals_foreach_to_rounding(kw, dtype):
+    """The one-pass C++ kernel (optim/csrc/sgd_sai_cpu.cpp) against the foreach path over ten
+    steps, with tensors below and above its parallel grain (32768 elements) and one element.
+    Not bitwise: the compiler may contract p * decay - step * m into one FMA, and the g-SNR
+    sums run in float64 in another order, which can move a scale (fp32 state) by one fp32 ulp
+    (6e-8 relative): rtol 1e-5 for fp32, 1e-6 for fp64 (and the g-SNRs themselves to 1e-6)."""
+    shapes = [(3, 5), (1,), (70000,), (256, 160), (4,)]
+    grads = make_grad_steps(shapes, 10, seed=11)
+    results = []
+    for path in (dict(fused=False), dict(fused=True)):
+        params = make_params(shapes, dtype)
+        opt = SGDSaI(params, **path, **kw)
+        run_steps(opt, params, grads)
+        results.append((params, opt))
+    (p_ref, o_ref), (p_fused, o_fused) = results
+    # fp64 atol: one fp32 ulp of a scale (6e-8) over ten steps of ~lr |m| ~ 1e-2 each
+    rtol, atol = (1e-5, 1e-7) if dtype == F32 else (1e-6, 1e-8)
+    for a, b in zip(p_fused, p_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+        for key in ("gsnr", "scale"):
+            torch.testing.assert_close(
+                o_fused.state[a][key], o_ref.state[b][key], rtol=1e-6, atol=0
+            )
+        assert bool(o_fused.state[a]["degenerate"]) == bool(o_ref.state[b]["degenerate"])
+        if "momentum_buffer" in o_ref.state[b]:
+            torch.testing.assert_close(
+                o_fused.state[a]["momentum_buffer"], o_ref.state[b]["momentum_buffer"],
+                rtol=rtol, atol=atol,
+            )  # fmt: skip
+
+
+def test_fused_update_leaves_non_contiguous_gradients_to_foreach():
+    """A gradient the kernel cannot stream (a transposed view) takes the foreach path: the run
+    is then bitwise the foreach run."""
+    shapes = [(8, 6), (6, 8)]
+    grads = make_grad_steps(shapes, 4)
+    grads = [[g[0].t().contiguous().t(), g[1]] for g in grads]  # (8, 6) with strides of (6, 8)^T
+    assert not grads[0][0].is_contiguous()
+    results = []
+    for path in (dict(fused=False), dict(fused=True)):
+        params = make_params(shapes, F32)
+        opt = SGDSaI(params, lr=0.1, **path)
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.to(F32)  # keeps the strides
+            opt.step()
+        results.append(params)
+    assert torch.equal(results[0][0], results[1][0])

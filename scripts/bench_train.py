@@ -1,0 +1,318 @@
+"""Training throughput: sai-train-lora's recipe against the way diffusers' example script
+``train_dreambooth_lora.py`` trains, same model, images, resolution, batch and steps.
+
+    python scripts/bench_train.py --model miniature --resolution 32 --steps 30
+    python scripts/bench_train.py --model sd15 --resolution 128 --steps 6 --warmup 1
+
+Loops (each in its own process, one after another, so that peak memory is each loop's own):
+  reference       diffusers' example loop, written here after train_dreambooth_lora.py: every
+                  step runs the VAE encoder on the pixels and the text encoder on the captions,
+                  samples the latent, UNet LoRA (peft, rank 4) trained with torch AdamW
+                  (foreach), gradient clipping at 1.0 as its default, loss.item() logged
+  ours-adamw      sai_diffusion.training.recipe with --optimizer adamw (latents and text cached)
+  ours-sgd-sai    the same with SGD-SaI (the default; fused CPU update)
+  ours-no-cache   SGD-SaI with cache_latents=false: the VAE runs every step, as in the reference
+  ours-compiled   an experiment, not a setting: ours-sgd-sai with the UNet torch.compile'd
+                  (inductor) after setup; its first step, which compiles, is reported apart.
+                  Speed only: on torch 2.13's CPU inductor its LoRA gradients are wrong
+                  (scripts/check_compile_gradients.py), which is why the recipe does not offer it
+
+Reported per loop: median step time and steps/s over the timed steps, its ratio to the
+reference, the peak resident memory of the process while training (after the model is loaded:
+the loop's own), and model FLOPs utilisation: torch's FLOP counter over one step divided by the
+step time and by the machine's measured fp32 matmul rate (a 2048^3 GEMM), the practical peak.
+``--model sd15`` builds the SD 1.5 architecture with random weights from configs/sd15 (no
+download). On CUDA, add ``--device cuda --precision bf16``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LOOPS = ("reference", "ours-adamw", "ours-sgd-sai", "ours-no-cache", "ours-compiled")
+RANK = 4
+
+
+# ------------------------------------------------------------------------------ the models
+def sd15_random(out: Path, seed: int) -> Path:
+    """The SD 1.5 architecture (configs/sd15) with random weights, saved as a diffusers folder."""
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sai_diffusion._resources import sd15_config_dir
+
+    if (out / "model_index.json").is_file():
+        return out
+    config = sd15_config_dir()
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet")),
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder")),
+        tokenizer=CLIPTokenizer.from_pretrained(config / "tokenizer"),
+        scheduler=DDPMScheduler.from_config(DDPMScheduler.load_config(config / "scheduler")),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- measuring
+def matmul_flops_per_s(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times[1:])
+
+
+def reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def count_flops(step) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def time_steps(step, *, warmup: int, steps: int, device: torch.device) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+# -------------------------------------------------------------------- the reference loop
+def _reference(args, device: torch.device, base: str, concept):
+    """A step as diffusers' train_dreambooth_lora.py takes it (its defaults: AdamW, clipping at
+    1.0, no caching, the VAE and text encoder run every step)."""
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from peft import LoraConfig
+
+    from sai_diffusion.config import DEFAULT_LORA_TARGETS
+    from sai_diffusion.training.data import ConceptDataset, discover_examples
+
+    accelerator = Accelerator(mixed_precision=args.precision, cpu=device.type == "cpu")
+    pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True)
+    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = weight_dtype[args.precision]
+    unet.to(device, dtype=dtype)
+    vae.to(device, dtype=dtype)
+    text_encoder.to(device, dtype=dtype)
+    unet.add_adapter(
+        LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
+                   target_modules=list(DEFAULT_LORA_TARGETS))
+    )  # fmt: skip
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    examples = discover_examples(concept.data, token=concept.token)
+    dataset = ConceptDataset(examples, resolution=args.resolution, center_crop=True, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
+    unet.train()
+    batches = iter(())
+
+    def step():
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        pixel_values = batch["pixel_values"].to(device, dtype=dtype)
+        ids = tokenizer(batch["caption"], padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+        with accelerator.accumulate(unet):
+            model_input = vae.encode(pixel_values).latent_dist.sample()
+            model_input = model_input * vae.config.scaling_factor
+            noise = torch.randn_like(model_input)
+            bsz = model_input.shape[0]
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,),
+                                      device=model_input.device).long()  # fmt: skip
+            noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
+            encoder_hidden_states = text_encoder(ids.to(device), return_dict=False)[0]
+            model_pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+            loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        return loss.detach().item()
+
+    return step
+
+
+def _ours(args, device: torch.device, base: str, concept, loop: str, run_dir: Path):
+    from sai_diffusion import config
+    from sai_diffusion.training import recipe
+
+    # what the reference trains: the UNet's LoRA alone (no text-encoder LoRA, no token vector)
+    settings = [f"rank={RANK}", f"alpha={RANK}", "validation_seeds=[]", "center_crop=true",
+                f"mixed_precision={args.precision}", "train_embeddings=false",
+                "text_encoder_lora=false", "max_grad_norm=1.0"]  # fmt: skip
+    if loop == "ours-no-cache":
+        settings.append("cache_latents=false")
+    flags = {
+        "base_model": base,
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "max_steps": 10**6,
+        "optimizer": "adamw" if loop == "ours-adamw" else "sgd-sai",
+    }
+    cfg, c = config.resolve(str(concept.path), flags, settings)
+    run = recipe.setup(cfg, c, run_dir)
+    if loop == "ours-compiled":
+        run.unet = torch.compile(run.unet)
+    return lambda: recipe._train_step(run)
+
+
+def one(args) -> dict:
+    """Measure one loop in this process (the parent runs each loop in its own)."""
+    from sai_diffusion.config import load_concept
+
+    device = torch.device(args.device)
+    concept = load_concept(args.concept)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.one == "reference":
+            step = _reference(args, device, args.base, concept)
+        else:
+            step = _ours(args, device, args.base, concept, args.one, Path(tmp) / "run")
+        start = time.perf_counter()
+        step()  # first step: allocations, the optimizer's state, compiling where asked
+        first_s = time.perf_counter() - start
+        reset_peak()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = time_steps(step, warmup=args.warmup, steps=args.steps, device=device)
+        peak = peak_mib(device)
+        flops = count_flops(step)
+    median = statistics.median(times)
+    return dict(loop=args.one, step_s=median, step_s_all=times, steps_per_s=1 / median,
+                first_step_s=first_s, peak_mib=peak, flops_per_step=flops)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("miniature", "sd15"), default="miniature")
+    p.add_argument("--concept", default="demo", help="concept whose images train (default demo)")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per loop")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument("--loops", default=",".join(LOOPS))
+    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "sai-bench-sd15")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--one", choices=LOOPS, help=argparse.SUPPRESS)
+    p.add_argument("--base", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.one:
+        print(json.dumps(one(args)))
+        return
+    from sai_diffusion.machine import describe_machine
+
+    device = torch.device(args.device)
+    base = "miniature" if args.model == "miniature" else str(sd15_random(args.cache, seed=0))
+    if args.model == "miniature":
+        from sai_diffusion.models.base import resolve_source
+
+        base = str(resolve_source("miniature"))
+    peak_flops = matmul_flops_per_s(device)
+    loops = [loop.strip() for loop in args.loops.split(",") if loop.strip()]
+    results = []
+    for loop in loops:
+        cmd = [sys.executable, __file__, "--one", loop, "--base", base,
+               *[a for a in (argv if argv is not None else sys.argv[1:])]]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if proc.returncode != 0:
+            raise SystemExit(f"{loop} failed:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"{loop}: {results[-1]['step_s'] * 1e3:.1f} ms/step", file=sys.stderr)
+    ref = next((r for r in results if r["loop"] == "reference"), None)
+    lines = [
+        f"machine: {describe_machine(device)}; fp32 matmul peak (2048^3): "
+        f"{peak_flops / 1e9:.1f} GFLOP/s",
+        f"model {args.model}, {args.resolution} px, batch {args.batch_size}, precision "
+        f"{args.precision}, {args.steps} timed steps after {args.warmup} warm-up",
+        "",
+        "| loop | first step s | step ms (median) | steps/s | vs reference | peak memory MiB "
+        "| GFLOP/step | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        speedup = f"{ref['step_s'] / r['step_s']:.2f}x" if ref else "-"
+        mfu = r["flops_per_step"] / r["step_s"] / peak_flops
+        lines.append(
+            f"| {r['loop']} | {r['first_step_s']:.1f} | {r['step_s'] * 1e3:.1f} "
+            f"| {r['steps_per_s']:.2f} | {speedup} "
+            f"| {r['peak_mib']:,.0f} | {r['flops_per_step'] / 1e9:.2f} | {mfu:.1%} |"
+        )
+    print("\n".join(lines))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        report = dict(command="python " + " ".join(sys.argv), machine=describe_machine(device),
+                      matmul_flops_per_s=peak_flops, results=results)  # fmt: skip
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
