@@ -69,6 +69,24 @@ void update_tensor(at::Tensor& p, at::Tensor* m, const at::Tensor& g, double wei
 }
 
 // t must be a contiguous CPU tensor of like's dtype (and, for a gradient or buffer, its size)
+// run(i, parallel) for every tensor: large ones one after another, each split across threads;
+// small ones (LoRA factors: thousands of elements) whole to one thread each, all of them in one
+// parallel region, so a call over hundreds of them pays for one.
+template <typename F>
+void for_each_tensor(const std::vector<at::Tensor>& tensors, const F& run) {
+  std::vector<size_t> small;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].numel() >= kGrain) {
+      run(i, true);
+    } else {
+      small.push_back(i);
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(small.size()), 8, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) run(small[k], false);
+  });
+}
+
 void check(const at::Tensor& t, const at::Tensor& like, bool same_size, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type() &&
                   (!same_size || t.numel() == like.numel()),
@@ -105,19 +123,7 @@ void sgd_sai_step_(std::vector<at::Tensor> params, const std::vector<at::Tensor>
       update_tensor<float>(params[i], m, grads[i], weight, step, decay, sign, first, parallel);
     }
   };
-  // Large tensors split across threads; small ones (LoRA factors: thousands of elements) go
-  // whole to one thread each, so a call over hundreds of them is one parallel region.
-  std::vector<size_t> small;
-  for (size_t i = 0; i < n; ++i) {
-    if (params[i].numel() >= kGrain) {
-      run(i, true);
-    } else {
-      small.push_back(i);
-    }
-  }
-  at::parallel_for(0, static_cast<int64_t>(small.size()), 8, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) run(small[k], false);
-  });
+  for_each_tensor(params, run);
 }
 
 namespace {
@@ -198,7 +204,7 @@ at::Tensor gsnr_stats(const std::vector<at::Tensor>& grads) {
                     (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble),
                 "gsnr_stats: contiguous float32 / float64 CPU gradients only");
   }
-  auto store = [&](int64_t i, bool parallel) {
+  auto store = [&](size_t i, bool parallel) {
     const Stats s = grads[i].scalar_type() == at::kDouble ? tensor_stats<double>(grads[i], parallel)
                                                            : tensor_stats<float>(grads[i], parallel);
     const double n = static_cast<double>(grads[i].numel());
@@ -206,17 +212,7 @@ at::Tensor gsnr_stats(const std::vector<at::Tensor>& grads) {
     o[3 * i + 1] = n > 0 ? std::max(0.0, s.shifted_sq - s.shifted * s.shifted / n) : 0.0;
     o[3 * i + 2] = s.constant ? 1.0 : 0.0;
   };
-  std::vector<int64_t> small;
-  for (int64_t i = 0; i < n; ++i) {
-    if (grads[i].numel() >= kGrain) {
-      store(i, true);
-    } else {
-      small.push_back(i);
-    }
-  }
-  at::parallel_for(0, static_cast<int64_t>(small.size()), 8, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) store(small[k], false);
-  });
+  for_each_tensor(grads, store);
   return out;
 }
 
