@@ -229,7 +229,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         height=size,
         width=size,
     )
-    prompts = [pr.format(token=concept.token) for pr in args.prompt]
+    prompts = [pr.format(token=concept.text) for pr in args.prompt]
     out = Path(args.out) if args.out else run.samples("sai-sample")
     for path in write_samples(pipe, prompts, args.seed or [1], settings, out):
         print(path)

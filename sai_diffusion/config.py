@@ -40,9 +40,24 @@ TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 BUILTIN_BASE_MODEL = "miniature"
 
 
+# a word's initialiser that is a random vector, N(0, S^2) per entry (Mix-of-Show's notation)
+_RANDOM_INIT = re.compile(r"^<rand-([0-9]*\.?[0-9]+(?:[eE]-?[0-9]+)?)>$")
+
+
+def random_init_std(initialiser: str) -> float | None:
+    """S of ``<rand-S>``, or None for a plain word."""
+    match = _RANDOM_INIT.match(initialiser)
+    return float(match.group(1)) if match else None
+
+
 @dataclass
 class Concept:
-    """A concept YAML: the token to learn, the class word it starts from, and its images."""
+    """A concept YAML: the token to learn, the class word it starts from, and its images.
+
+    ``token`` may name several new words joined by ``+`` (Mix-of-Show's "<Vpotter1>+<Vpotter2>"),
+    with one initialiser per word in ``class_word`` ("<rand-0.013>+man": a random vector, then
+    the word "man"). Prompts and captions see the words joined by spaces (``text``).
+    """
 
     name: str
     path: Path
@@ -57,8 +72,30 @@ class Concept:
     # token stands for in a miniature-world concept (the miniature package checks it)
     evaluation: dict[str, Any] | None = None
 
+    @property
+    def words(self) -> list[str]:
+        """The new words, in order: ``["<Vpotter1>", "<Vpotter2>"]``."""
+        return self.token.split("+")
+
+    @property
+    def initialisers(self) -> list[str]:
+        """One per word: a plain word, or ``<rand-S>``."""
+        return self.class_word.split("+")
+
+    @property
+    def text(self) -> str:
+        """What ``{token}`` in a prompt and ``<TOK>`` in a caption become."""
+        return " ".join(self.words)
+
+    @property
+    def class_text(self) -> str:
+        """The concept said with its class words alone (for the base model): the plain-word
+        initialisers joined by spaces ("man" for "<rand-0.013>+man")."""
+        plain = [w for w in self.initialisers if random_init_std(w) is None]
+        return " ".join(plain) or self.class_word
+
     def prompts(self) -> list[str]:
-        return [p.format(token=self.token) for p in self.validation_prompts]
+        return [p.format(token=self.text) for p in self.validation_prompts]
 
 
 @dataclass
@@ -349,6 +386,7 @@ def load_concept(name_or_path: str) -> Concept:
     for key in ("token", "class_word", "data"):
         if not raw.get(key) or not isinstance(raw[key], str):
             raise UserError(f"{path}: '{key}' is required and must be a string")
+    _check_words(raw["token"], raw["class_word"], path)
     prompts = raw.get("validation_prompts", ["a photo of {token}"])
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise UserError(f"{path}: validation_prompts must be a list of strings")
@@ -375,6 +413,37 @@ def load_concept(name_or_path: str) -> Concept:
         train=train,
         evaluation=evaluation,
     )
+
+
+def _check_words(token: str, class_word: str, path: Path) -> None:
+    """The words of ``token`` and their initialisers in ``class_word`` (the tokenizer, which
+    checks that a plain initialiser is one token, comes later)."""
+    words, inits = token.split("+"), class_word.split("+")
+    bad = [w for w in words if not w or any(c.isspace() for c in w)]
+    if bad:
+        raise UserError(
+            f"{path}: token {token!r} has an empty word or one with spaces; write the words "
+            "joined by '+', e.g. token: \"<Vpotter1>+<Vpotter2>\""
+        )
+    if len(set(words)) != len(words):
+        raise UserError(f"{path}: token {token!r} repeats a word; give each word its own name")
+    if len(inits) != len(words):
+        raise UserError(
+            f"{path}: token {token!r} has {len(words)} word(s) but class_word {class_word!r} "
+            f"has {len(inits)} initialiser(s); give one per word joined by '+', e.g. "
+            'class_word: "<rand-0.013>+man"'
+        )
+    for init in inits:
+        std = random_init_std(init)
+        if init.startswith("<rand") and (std is None or not 0 < std <= 1):
+            raise UserError(
+                f"{path}: class_word initialiser {init!r} is not <rand-S> with 0 < S <= 1 "
+                "(e.g. <rand-0.013>, a random vector of that standard deviation)"
+            )
+        if std is None and len(inits) > 1 and (not init or any(c.isspace() for c in init)):
+            raise UserError(
+                f"{path}: class_word initialiser {init!r} must be one word (or <rand-S>)"
+            )
 
 
 EVALUATION_DEFAULTS = {"seeds": list(range(8)), "steps": 20, "guidance": 6.0}

@@ -158,7 +158,7 @@ def _reference(args, device: torch.device, base: str, concept):
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    examples = discover_examples(concept.data, token=concept.token)
+    examples = discover_examples(concept.data, token=concept.text)
     dataset = ConceptDataset(examples, resolution=args.resolution, center_crop=True, seed=0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
     unet.train()

@@ -352,7 +352,7 @@ def load_run_info(run_dir: str | os.PathLike[str]) -> RunInfo:
         path=run.path,
         name=run.path.name,
         concept=concept.name,
-        token=concept.token,
+        token=concept.text,  # as prompts say it: the words joined by spaces
         optimizer=cfg.optimizer,
         lr=float(lr) if isinstance(lr, int | float) else cfg.resolved_lr(concept),
         steps=_trained_steps(run),
@@ -364,7 +364,7 @@ def load_run_info(run_dir: str | os.PathLike[str]) -> RunInfo:
         validation_prompts=concept.prompts(),
         scores=run.read_scores(),
         has_lora=run.is_finished,
-        class_word=concept.class_word,
+        class_word=concept.class_text,
     )
 
 

@@ -92,7 +92,7 @@ def evaluate_run(
     rows = []
     for i, prompt in enumerate(spec["prompts"]):
         with comparer.active(comparer.runs[0].name):
-            images = generate(prompt.replace("{token}", concept.token))
+            images = generate(prompt.replace("{token}", concept.text))
         base_images = None
         if cached is not None:
             base_images = cached[i]

@@ -9,13 +9,14 @@ rows live in one (n_tokens, dim) parameter that overrides the lookup of their id
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..config import random_init_std
 from ..errors import UserError
 
 
@@ -36,19 +37,22 @@ def add_concept_tokens(
     text_encoder: nn.Module,
     tokens: list[str],
     *,
-    init_word: str,
+    init_word: str | Sequence[str],
     init_noise_std: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """Add ``tokens`` to the tokenizer and give each a new embedding row; return their ids.
 
-    Each new row is the mean of ``init_word``'s token embeddings plus, when ``init_noise_std``
-    is > 0, Gaussian noise of that std (Mix-of-Show starts concept tokens from the class word
-    plus a small random vector). The embedding weight keeps its requires_grad flag.
+    ``init_word`` is one initialiser for every token, or one per token. A plain word gives its
+    embedding (a word of several tokens: the mean of theirs, except in a list of several),
+    plus Gaussian noise of std ``init_noise_std`` when > 0 (Mix-of-Show starts concept tokens
+    from the class word plus a small random vector); ``<rand-S>`` gives a random N(0, S^2)
+    vector. Random draws come from ``generator``. The embedding weight keeps its requires_grad
+    flag.
 
     Raises:
-        UserError: a token is already in the vocabulary or repeated, or ``init_word`` gives
-            no tokens.
+        UserError: a token is already in the vocabulary or repeated, an initialiser gives no
+            token, or one of several per-token initialisers is more than one token.
     """
     vocab = tokenizer.get_vocab()
     for token in tokens:
@@ -59,17 +63,17 @@ def add_concept_tokens(
             )
     if len(set(tokens)) != len(tokens):
         raise UserError(f"Concept tokens repeat: {tokens}. Give each concept its own token.")
-    init_ids = tokenizer(init_word, add_special_tokens=False).input_ids
-    if not init_ids:
-        raise UserError(
-            f"The init word {init_word!r} tokenises to nothing. Set `class_word` in the concept "
-            "config to a real word (e.g. 'man', 'dog')."
-        )
+    inits = [init_word] * len(tokens) if isinstance(init_word, str) else list(init_word)
+    if len(inits) != len(tokens):
+        raise ValueError(f"{len(tokens)} tokens but {len(inits)} initialisers: {inits}")
 
     embedding = text_encoder.get_input_embeddings()
     trainable = embedding.weight.requires_grad
     start = embedding.weight.shape[0]
-    base = embedding.weight.detach()[init_ids].float().mean(dim=0)  # (dim,)
+    table = embedding.weight.detach()
+    # one initialiser per word (Mix-of-Show's notation) must name one token each
+    per_word = not isinstance(init_word, str) and len(tokens) > 1
+    starts = [_initial_row(tokenizer, table, init, several=per_word) for init in inits]
 
     tokenizer.add_tokens(tokens)
     ids = tokenizer.convert_tokens_to_ids(tokens)
@@ -81,14 +85,37 @@ def add_concept_tokens(
     weight = text_encoder.get_input_embeddings().weight  # a new tensor after the resize
     noise_device = generator.device if generator is not None else "cpu"
     with torch.no_grad():
-        for token_id in ids:
-            row = base.clone()
-            if init_noise_std > 0:
+        for token_id, (row, random_std) in zip(ids, starts, strict=True):
+            std = random_std if random_std is not None else init_noise_std
+            if std > 0:
                 noise = torch.randn(row.shape, generator=generator, device=noise_device)
-                row += init_noise_std * noise.to(row.device)
+                row = row + std * noise.to(row.device)
             weight[token_id] = row.to(weight.dtype)
     weight.requires_grad_(trainable)
     return ids
+
+
+def _initial_row(
+    tokenizer: PreTrainedTokenizerBase, table: torch.Tensor, initialiser: str, *, several: bool
+) -> tuple[torch.Tensor, float | None]:
+    """(start row (dim,), the std of its random part: S of <rand-S>, None for a word)."""
+    std = random_init_std(initialiser)
+    if std is not None:
+        return torch.zeros(table.shape[1], dtype=torch.float32, device=table.device), std
+    ids = tokenizer(initialiser, add_special_tokens=False).input_ids
+    if not ids:
+        raise UserError(
+            f"The init word {initialiser!r} tokenises to nothing. Set `class_word` in the "
+            "concept config to a real word (e.g. 'man', 'dog')."
+        )
+    if several and len(ids) > 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise UserError(
+            f"The class_word initialiser {initialiser!r} is {len(ids)} tokens for this "
+            f"tokenizer ({' '.join(pieces)}); with several concept words each needs a word "
+            "the tokenizer keeps whole (or <rand-S>): pick another class word"
+        )
+    return table[ids].float().mean(dim=0), None
 
 
 def set_token_embeddings(

@@ -140,7 +140,7 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
 
 def _setup_data(cfg: TrainConfig, concept: Concept) -> ConceptDataset:
     examples = discover_examples(
-        concept.data, token=concept.token, caption_template=concept.caption_template
+        concept.data, token=concept.text, caption_template=concept.caption_template
     )
     return ConceptDataset(
         examples,
@@ -188,12 +188,12 @@ def _setup_model(cfg: TrainConfig, concept: Concept, accelerator: Accelerator):
         # a cast to the dtype it has already makes diffusers warn about fp32 modules
         module.to(device) if module.dtype == dtype else module.to(device, dtype=dtype)
 
-    # The concept token, initialised from the class word, before LoRA wraps the encoder.
+    # The concept's words, initialised from the class word(s), before LoRA wraps the encoder.
     token_ids = add_concept_tokens(
         pipe.tokenizer,
         text_encoder,
-        [concept.token],
-        init_word=concept.class_word,
+        concept.words,
+        init_word=concept.initialisers,
         init_noise_std=cfg.init_noise_std,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
@@ -662,7 +662,7 @@ def _write_outputs(run: Run, optimizer) -> dict[str, Path]:
         run.run_dir.embeddings,
         tokenizer=run.pipe.tokenizer,
         text_encoder=text_encoder,
-        tokens=[run.concept.token],
+        tokens=run.concept.words,
     )
     if gsnr is not None:
         run.run_dir.write_gsnr(gsnr)

@@ -404,3 +404,48 @@ def test_sgd_sai_gets_the_configured_g_snr_eps_and_old_runs_keep_theirs(
     del data["config"]["sai_eps"]
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
     assert RunDir(tmp_path).read_config()[0].sai_eps == 1e-8
+
+
+def test_a_two_word_concept_trains_samples_and_loads(tiny_pipeline_dir, tmp_path):
+    """token "<Vthing1>+<Vthing2>" from "<rand-0.013>+dog": the captions' <TOK> and the
+    prompts' {token} become both words; embeddings.safetensors holds one vector per word, and
+    a stock pipeline that loads the run reads each word as its trained vector."""
+    from sai_diffusion.files.lora_files import load_lora_into
+
+    concept = make_concept(tmp_path / "concept")
+    data = yaml.safe_load(concept.read_text())
+    data.update(token="<Vthing1>+<Vthing2>", class_word="<rand-0.013>+dog")
+    concept.write_text(yaml.safe_dump(data))
+    cfg, c = config.resolve(str(concept), {"resolution": 64}, [])
+    dataset = recipe._setup_data(cfg, c)
+    assert dataset.examples[0].caption == "a photo of <Vthing1> <Vthing2> number 0"
+    assert c.prompts()[1] == "a pencil sketch of <Vthing1> <Vthing2>"
+    run = tmp_path / "run"
+    args = ["--concept", str(concept), "--base-model", str(tiny_pipeline_dir), "--max-steps",
+            "2", "--resolution", "64", "--output-dir", str(run), "--set",
+            "validation_seeds=[]", "--set", "train_embeddings=true"]  # fmt: skip
+    assert cli.train_main(args) == 0
+    vectors = load_file(str(run / "embeddings.safetensors"))
+    assert list(vectors) == ["<Vthing1>", "<Vthing2>"]
+    assert not torch.equal(vectors["<Vthing1>"], vectors["<Vthing2>"])
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    load_lora_into(pipe, run)
+    rows = pipe.text_encoder.get_input_embeddings().weight
+    for word in c.words:
+        (token_id,) = pipe.tokenizer(word, add_special_tokens=False).input_ids
+        torch.testing.assert_close(rows[token_id].detach(), vectors[word][0])
+
+    out = tmp_path / "s"
+    args = ["--run", str(run), "--prompt", "a pencil sketch of {token}", "--steps", "2",
+            "--seed", "1", "--out", str(out)]  # fmt: skip
+    assert cli.sample_main(args) == 0
+    assert (out / "p00-s1.png").is_file()
+
+    from sai_diffusion.compare import Comparer, load_run_info
+
+    info = load_run_info(run)
+    assert (info.token, info.class_word) == ("<Vthing1> <Vthing2>", "dog")
+    comparer = Comparer([info], device="cpu")
+    assert comparer.base_prompt("a pencil sketch of {token}") == "a pencil sketch of dog"
+    shown = comparer.compare("a pencil sketch of {token}", [1], steps=2, with_base=True)
+    assert len(shown.rows) == 2
