@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import importlib.util
 import json
@@ -24,6 +25,9 @@ from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, TrainingDiverged, UserError
 from .files.run_dir import EVAL_FILE, RUN_FILE, RunDir, latest_run
 from .optim import OPTIMIZERS
 
+# full disk, quota, read-only filesystem, file too large, no permission
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES}
+
 
 def _run(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
     """Turn the library's user-facing errors into one line on stderr and an exit code."""
@@ -35,6 +39,17 @@ def _run(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRORS:
+            raise
+        # a write that failed anywhere (metrics, samples, logs): the run folder is the problem
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"error: cannot write{where} ({exc.strerror}); free disk space or give a writable "
+            "--output-dir; a training run continues from its last checkpoint with --resume",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; resume with --resume RUN_DIR from the last checkpoint", file=sys.stderr)
         return 130
@@ -129,14 +144,19 @@ def _check_resume_settings(
     """``--resume`` appended to the command that started the run is accepted (what people
     type after a crash); a setting that differs from run.yaml is refused, naming both values.
     Only the length (``--max-steps``) may change."""
-    given: dict[str, object] = {}
     differ = []
-    if concept_arg:
+    if concept_arg:  # the concept file as it is now against the one the run started from
         named = config.load_concept(concept_arg)
         if named.path != concept.path:
             differ.append(f"concept: {concept.path} in {RUN_FILE}, {named.path} given")
-        given |= named.train
-    given |= {k: v for k, v in flags.items() if v is not None}
+        for key in sorted(set(named.train) | set(concept.train)):
+            if named.train.get(key) != concept.train.get(key):
+                differ.append(
+                    f"{named.path.name} train.{key}: {concept.train.get(key)!r} when the run "
+                    f"started, {named.train.get(key)!r} now"
+                )
+    # what the command says itself: its flags and --set
+    given: dict[str, object] = {k: v for k, v in flags.items() if v is not None}
     given |= config.parse_set(set_items)
     given.pop("max_steps", None)
     probe = config.apply_overrides(dataclasses.replace(cfg), given, "command line")

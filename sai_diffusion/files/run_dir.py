@@ -192,8 +192,11 @@ class RunDir:
 
     # -- metrics.jsonl
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with self.metrics.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.metrics.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a write on an open file names no file: say which one
+            raise OSError(exc.errno, exc.strerror, str(self.metrics)) from None
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The records in step order; unreadable lines are skipped (a line being written while

@@ -288,7 +288,8 @@ class SGDSaI(Optimizer):
             lr, wd = group["lr"], group["weight_decay"]
             theta = p if p.dtype == m.dtype else p.to(m.dtype)  # fp32 math for bf16/fp16
             if wd != 0:
-                theta.mul_(torch.where(nonzero, 1.0 - lr * wd, 1.0).to(m.dtype))
+                decay = torch.full((), 1.0 - lr * wd, dtype=m.dtype, device=m.device)
+                theta.mul_(torch.where(nonzero, decay, torch.ones_like(decay)))
             # a block left fresh (zero or non-finite gradient: norm > 0 is False for NaN) is
             # not touched; scale 0 alone would still let NaN * 0 = NaN through
             step_dir = torch.where(nonzero, m, torch.zeros((), dtype=m.dtype, device=m.device))
@@ -375,7 +376,7 @@ class SGDSaI(Optimizer):
             fresh, gsnr.unbind(), scale.unbind(), usable.unbind(), degenerate.unbind(),
             gsnr_max.clone().expand(len(fresh)).unbind(), strict=True,
         )  # fmt: skip
-        by_group: dict[int, list[int]] = {}
+        batches: dict[tuple[int, torch.dtype], list[int]] = {}  # one kernel call: one dtype
         for i, ((group, p), gsnr_i, scale_i, usable_i, degenerate_i, max_i) in enumerate(per_block):
             state = self.state[p]
             state.update(
@@ -383,13 +384,12 @@ class SGDSaI(Optimizer):
                 degenerate=degenerate_i,
             )  # fmt: skip
             if flags[i]:
-                self._scales[p] = scales[i]
-                by_group.setdefault(id(group), []).append(i)
+                batches.setdefault((id(group), p.dtype), []).append(i)
             if group["momentum"] != 0:  # the fused update below writes it (m = g)
                 state["momentum_buffer"] = torch.empty_like(p.grad)
                 if not flags[i]:  # left fresh: m = g, as _initialise keeps it
                     state["momentum_buffer"].copy_(-p.grad if group["maximize"] else p.grad)
-        for members in by_group.values():
+        for members in batches.values():
             group = fresh[members[0]][0]
             chosen = [params[i] for i in members]
             moms = [self.state[p]["momentum_buffer"] for p in chosen] if group["momentum"] else []
@@ -398,6 +398,8 @@ class SGDSaI(Optimizer):
                 chosen, [p.grad for p in chosen], moms, [scales[i] for i in members],
                 lr, 0.0, 1.0 - lr * group["weight_decay"], group["maximize"], True,
             )  # fmt: skip
+            for i, p in zip(members, chosen, strict=True):  # settled once the update is done
+                self._scales[p] = scales[i]
 
     def _update_settled(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """theta <- theta (1 - lr wd) - lr scale m, for blocks whose scale is known."""

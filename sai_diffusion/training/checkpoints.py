@@ -8,6 +8,8 @@ would have (bitwise on the CPU, for the same thread count).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
 import shutil
 import sys
@@ -75,12 +77,14 @@ def load_latest_checkpoint(run_dir: RunDir, state: TrainingState) -> int:
     """Restore ``state`` from the newest complete checkpoint that reads back; return its step.
 
     A checkpoint whose files are truncated or corrupt is skipped with a warning naming it, and
-    the next older one is tried.
+    the next older one is tried; once one restores, the skipped ones are set aside as
+    ``.step-NNNNNN.unreadable`` (kept for inspection; no longer a checkpoint, so pruning can
+    never keep one in place of a good one). When none restores, nothing is moved.
 
     Raises:
         UserError: no complete readable checkpoint, or one whose tensors are not this run's.
     """
-    skipped = []
+    skipped: list[Checkpoint] = []
     for step, checkpoint in run_dir.complete_checkpoints():
         try:
             saved = _read(checkpoint, with_scaler=state.scaler is not None)
@@ -90,11 +94,16 @@ def load_latest_checkpoint(run_dir: RunDir, state: TrainingState) -> int:
                 "trying an older checkpoint",
                 file=sys.stderr,
             )
-            skipped.append(checkpoint.path.name)
+            skipped.append(checkpoint)
             continue
         _restore(state, saved, checkpoint, run_dir)
+        for bad in skipped:  # kept for inspection, no longer a checkpoint (pruning, --resume)
+            aside = bad.path.with_name(f".{bad.path.name}.unreadable")
+            with contextlib.suppress(OSError):
+                os.replace(bad.path, aside)
+                print(f"note: {bad.path} set aside as {aside.name}", file=sys.stderr)
         return step
-    unreadable = f" (unreadable: {', '.join(skipped)})" if skipped else ""
+    unreadable = f" (unreadable: {', '.join(c.path.name for c in skipped)})" if skipped else ""
     raise UserError(
         f"{run_dir.checkpoints_dir} has no complete checkpoint to resume from{unreadable}; "
         "start a new run instead"

@@ -132,7 +132,13 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
                 f"{run.run_dir.path} is at step {run.step}, past --max-steps {cfg.max_steps}; "
                 f"give --max-steps {run.step} or more"
             )
-        replan_lr_scheduler(run.lr_scheduler, run.step, cfg.max_steps)  # training/schedule.py
+        try:
+            replan_lr_scheduler(run.lr_scheduler, run.step, cfg.max_steps)  # training/schedule
+        except ValueError as exc:
+            raise UserError(
+                f"{run.run_dir.path}: {exc}; keep --max-steps {run.step}, or train the longer "
+                "run as a new one (with its own length, or --set lr_scheduler=constant)"
+            ) from None
         if accelerator.is_main_process:
             run.run_dir.truncate_metrics(run.step)  # the steps after it are trained again
     return run

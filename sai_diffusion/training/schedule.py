@@ -66,7 +66,16 @@ def replan_lr_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int,
 
     Older checkpoints (diffusers' schedules, whose functions LambdaLR cannot save) restore
     only the step; their plan is rebuilt from the settings, as it was before.
+
+    Raises:
+        ValueError: a longer run whose decay has already reached 0 at ``step`` (it would train
+            on at lr 0).
     """
     schedule = scheduler.lr_lambdas[0]
     if isinstance(schedule, LRSchedule) and schedule.max_steps != max_steps:
+        if max_steps > step and schedule.kind != "constant" and schedule(step) <= 1e-6:
+            raise ValueError(
+                f"the {schedule.kind} lr schedule reached 0 at step {step}, so "
+                f"{max_steps - step} more steps would train at lr 0"
+            )
         schedule.replan(step, max_steps)

@@ -24,22 +24,26 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import shutil
 
 import pytest
 import torch
 from torch import nn
 
-from sai_diffusion.optim import SGDSaI, gsnr_table
+from sai_diffusion.optim import SGDSaI, fused, gsnr_table
 
 from .reference import block_gsnr, sgd_sai_reference
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 DTYPES = [pytest.param(F32, id="fp32"), pytest.param(F64, id="fp64"), pytest.param(BF16, id="bf16")]
 # the update paths: the per-tensor loop, the foreach kernels, the fused one-pass CPU kernel
+# (built by optim/fused.py; where it cannot be, e.g. no C++ compiler, its cases are skipped and
+# test_the_fused_kernel_builds_where_a_compiler_is says so)
+NO_KERNEL = pytest.mark.skipif(fused.cpu_kernel() is None, reason=fused.failure())
 PATHS = [
     pytest.param(dict(foreach=False, fused=False), id="loop"),
     pytest.param(dict(foreach=True, fused=False), id="foreach"),
-    pytest.param(dict(fused=True), id="fused"),
+    pytest.param(dict(fused=True), id="fused", marks=NO_KERNEL),
 ]
 
 # One table of optimizer settings drives the numerical tests (lr sized so that raw "none" scales of
@@ -1067,6 +1071,7 @@ def test_parameters_on_a_device_other_than_the_current_one_train_as_on_the_cpu()
 # ---------------------------------------------------------------- 13. the fused CPU update
 
 
+@NO_KERNEL
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("kw", [CASES[0], CASES[1], CASES[2]])
 def test_fused_update_equals_foreach_to_rounding(kw, dtype):
@@ -1100,6 +1105,7 @@ def test_fused_update_equals_foreach_to_rounding(kw, dtype):
             )  # fmt: skip
 
 
+@NO_KERNEL
 def test_fused_update_leaves_non_contiguous_gradients_to_foreach():
     """A gradient the kernel cannot stream (a transposed view) takes the foreach path: the run
     is then bitwise the foreach run."""
@@ -1117,3 +1123,50 @@ def test_fused_update_leaves_non_contiguous_gradients_to_foreach():
             opt.step()
         results.append(params)
     assert torch.equal(results[0][0], results[1][0])
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None or not fused.enabled(),
+    reason="no C++ compiler on this machine, or SAI_FUSED=0",
+)
+def test_the_fused_kernel_builds_where_a_compiler_is():
+    """With a compiler (and ninja, a dependency) the fused update must build: otherwise every
+    "fused" case above is skipped and the foreach fallback runs silently."""
+    assert fused.cpu_kernel() is not None, fused.failure()
+
+
+@NO_KERNEL
+def test_the_fused_path_really_runs_the_kernel(monkeypatch):
+    """Guards a silent fallback: the "fused" cases would pass on the foreach path too. Both
+    kernel entry points are called: once for the g-SNR step, then every steady step."""
+    kernel = fused.cpu_kernel()
+    calls = {"gsnr_stats": 0, "sgd_sai_step_": 0}
+    for name in calls:
+        original = getattr(kernel, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(kernel, name, counted)
+    shapes = [(40, 8), (8,)]
+    params = make_params(shapes, F32)
+    run_steps(SGDSaI(params, lr=0.1, fused=True), params, make_grad_steps(shapes, 3))
+    assert calls == {"gsnr_stats": 1, "sgd_sai_step_": 3}
+
+
+@NO_KERNEL
+def test_fused_group_of_float32_and_float64_tensors():
+    """Found in review: the first fused step batched a param group's blocks whatever their
+    dtype and the kernel refused the mix. Now each (group, dtype) is its own call, equal to the
+    foreach path to rounding."""
+    shapes = [(6, 5), (7,)]
+    grads = make_grad_steps(shapes, 3)
+    results = []
+    for path in (dict(fused=False), dict(fused=True)):
+        params = [p.to(dt).detach().requires_grad_()
+                  for p, dt in zip(make_params(shapes, F64), (F32, F64), strict=True)]  # fmt: skip
+        run_steps(SGDSaI(params, lr=0.1, weight_decay=0.1, **path), params, grads)
+        results.append(params)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)

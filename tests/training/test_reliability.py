@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file
 
@@ -329,10 +330,13 @@ def test_a_corrupt_checkpoint_is_skipped_with_its_name_and_the_older_one_used(
     err = capsys.readouterr().err
     assert resumed.step == 2
     assert f"warning: skipping {newest.path}: unreadable" in err
+    # set aside, so that it never counts as a checkpoint again (pruning, --resume)
+    assert not newest.path.exists() and (run.checkpoints_dir / ".step-000004.unreadable").is_dir()
+    assert run.latest_checkpoint()[0] == 2
     run.checkpoint(2).optimizer.write_bytes(b"not a checkpoint")
     code, err = _exit_code(["--resume", str(out)], capsys)
     assert code == 2
-    assert "no complete checkpoint to resume from (unreadable: step-000004, step-000002)" in err
+    assert "no complete checkpoint to resume from (unreadable: step-000002)" in err
 
 
 def _file_size_limit(limit: int):
@@ -364,3 +368,54 @@ def test_a_checkpoint_write_that_fails_exits_2_and_keeps_the_previous_one(
     assert f"{previous.path} is intact" in lines[-1] and "Traceback" not in proc.stderr
     assert {p.name: p.read_bytes() for p in previous.path.iterdir()} == before
     assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["step-000002"]
+
+
+def test_extending_a_run_whose_decay_reached_zero_is_refused(concept, tiny_pipeline_dir, tmp_path,
+                                                             capsys):  # fmt: skip
+    """A finished linear run resumed for more steps would re-plan from its lr of 0 and train
+    nothing: exit 2 saying so (found in review)."""
+    out = tmp_path / "run"
+    assert cli.train_main(_args(concept, tiny_pipeline_dir, out, "--max-steps", "2",
+                                "--set", "lr_scheduler=linear")) == 0  # fmt: skip
+    capsys.readouterr()
+    code, err = _exit_code(["--resume", str(out), "--max-steps", "4"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "reached 0 at step 2" in errors[0]
+    assert err.strip().splitlines()[-1] == errors[0]
+
+
+def test_resume_compares_the_concept_file_with_the_one_the_run_started_from(
+    concept, tiny_pipeline_dir, tmp_path, capsys
+):
+    """The concept's train: values are not "given" by the command (found in review: a run
+    started with --set rank=8 over a concept saying rank 4 was refused on resume); an edited
+    concept file is named as such."""
+    data = yaml.safe_load(concept.read_text())
+    data["train"] = {"rank": 4}
+    concept.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    first = _args(concept, tiny_pipeline_dir, out, "--max-steps", "2", "--set", "rank=8")
+    assert cli.train_main(first) == 0
+    capsys.readouterr()
+    assert _exit_code([*first, "--resume", str(out), "--max-steps", "3"], capsys)[0] == 0
+    data["train"] = {"rank": 16}
+    concept.write_text(yaml.safe_dump(data))
+    code, err = _exit_code([*first, "--resume", str(out), "--max-steps", "4"], capsys)
+    assert code == 2 and "train.rank: 4 when the run started, 16 now" in err
+
+
+def test_a_full_disk_while_logging_is_one_line_with_exit_2(concept, tiny_pipeline_dir, tmp_path):
+    """Any write that fails for lack of space (here the metrics or run.yaml, past a per-file
+    size limit) ends with exit 2 naming the file, not a traceback (found in review)."""
+    out = tmp_path / "run"
+    assert cli.train_main(_args(concept, tiny_pipeline_dir, out, "--max-steps", "2",
+                                "--checkpoint-every", "0")) == 0  # fmt: skip
+    run = RunDir(out)
+    # run.yaml and the metrics are rewritten on resume and still fit; the log outgrows them
+    limit = max(run.run_yaml.stat().st_size, run.metrics.stat().st_size) + 100
+    proc = _train_process("--resume", str(out), "--max-steps", "200",
+                          preexec=_file_size_limit(limit))  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot write {out}{os.sep}") and "File too large" in last
+    assert "Traceback" not in proc.stderr
