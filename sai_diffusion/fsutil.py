@@ -12,6 +12,18 @@ from pathlib import Path
 
 
 @contextmanager
+def naming(path: Path):
+    """Give an OSError raised inside the file name ``path`` when it has none (a failed write or
+    close on an open file names no file; the user must learn which one filled the disk)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
+@contextmanager
 def atomic_path(path: Path):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
     path = Path(path)
@@ -19,16 +31,11 @@ def atomic_path(path: Path):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        try:
+        with naming(path):
             yield Path(tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as exc:
-            if exc.filename is not None or exc.errno is None:
-                raise
-            # a failed write or close names no file: name the one being written
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

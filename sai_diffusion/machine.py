@@ -1,11 +1,13 @@
 """What a measurement ran on, for the records benchmarks and builders write beside their figures
-(docs/benchmarks.md quotes them: an absolute time means nothing without its device)."""
+(docs/benchmarks.md quotes them: an absolute time means nothing without its device), and the
+peak memory of a run (training's metrics and scripts/bench_train.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import platform
+import resource
 
 import torch
 
@@ -35,3 +37,29 @@ def _cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+_CLEAR_REFS, _STATUS = "/proc/self/clear_refs", "/proc/self/status"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this run's peak: runs trained one after another in one process (the app, a
+    sweep) must not report an earlier run's. On Linux, writing 5 to clear_refs resets the
+    process's peak resident size (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError), open(_CLEAR_REFS, "w") as f:
+        f.write("5")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since ``reset_peak_memory``: CUDA allocations, or the process's peak
+    resident size on the CPU (the lifetime peak where /proc cannot say)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError, ValueError), open(_STATUS) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from sai_diffusion.machine import peak_memory_mb, reset_peak_memory
+
 LOOPS = ("reference", "ours-adamw", "ours-sgd-sai", "ours-no-cache", "ours-compiled")
 RANK = 4
 
@@ -85,24 +87,6 @@ def matmul_flops_per_s(device: torch.device, n: int = 2048, repeats: int = 5) ->
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times[1:])
-
-
-def reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def count_flops(step) -> int:
@@ -233,11 +217,9 @@ def one(args) -> dict:
         start = time.perf_counter()
         step()  # first step: allocations, the optimizer's state, compiling where asked
         first_s = time.perf_counter() - start
-        reset_peak()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         times = time_steps(step, warmup=args.warmup, steps=args.steps, device=device)
-        peak = peak_mib(device)
+        peak = peak_memory_mb(device)
         flops = count_flops(step)
     median = statistics.median(times)
     return dict(loop=args.one, step_s=median, step_s_all=times, steps_per_s=1 / median,

@@ -3,6 +3,8 @@ of a tiny pipeline (for LoRA and token files that must load back exactly)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -48,6 +50,18 @@ def make_concept(root: Path, n: int = 3, *, layout: str = "flat") -> Path:
         )
     )
     return concept
+
+
+# a real `sai-train-lora` process (the installed script may be missing in a bare checkout)
+TRAIN_COMMAND = [sys.executable, "-c", "from sai_diffusion.cli import train_entry; train_entry()"]
+
+
+def run_train(*args: str, timeout: int = 240, preexec=None) -> subprocess.CompletedProcess:
+    """``sai-train-lora ARGS`` as its own process; ``preexec`` runs in the child first."""
+    return subprocess.run(
+        [*TRAIN_COMMAND, *args], capture_output=True, text=True, timeout=timeout,
+        preexec_fn=preexec,
+    )  # fmt: skip
 
 
 def train_tiny(

@@ -35,7 +35,7 @@ from safetensors import safe_open
 
 from ..config import Concept, TrainConfig, apply_overrides, load_yaml, yaml_problem
 from ..errors import UserError
-from ..fsutil import atomic_write_text, write_json
+from ..fsutil import atomic_write_text, naming, write_json
 
 RUN_FILE = "run.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -192,11 +192,8 @@ class RunDir:
 
     # -- metrics.jsonl
     def append_metrics(self, record: dict[str, Any]) -> None:
-        try:
-            with self.metrics.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as exc:  # a write on an open file names no file: say which one
-            raise OSError(exc.errno, exc.strerror, str(self.metrics)) from None
+        with naming(self.metrics), self.metrics.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The records in step order; unreadable lines are skipped (a line being written while

@@ -334,17 +334,12 @@ class SGDSaI(Optimizer):
     def _fused_kernel(self, fresh: list[tuple[dict[str, Any], Tensor]]):
         """The fused CPU kernel when every fresh block can take it (one max over all of them
         is computed in one place), else None."""
-        for group, p in fresh:
-            if group.get("fused") is False or p.device.type != "cpu":
-                return None
-            if p.dtype not in (torch.float32, torch.float64) or not p.is_contiguous():
-                return None
-            if not p.grad.is_contiguous():
-                return None
-        kernel = fused.cpu_kernel()
-        if kernel is None and any(group.get("fused") for group, _ in fresh):
-            raise RuntimeError(f"SGDSaI(fused=True): {fused.failure()}")
-        return kernel
+        if not all(
+            _fusable(group, p) and p.is_contiguous() and p.grad.is_contiguous()
+            for group, p in fresh
+        ):
+            return None
+        return _kernel_for(group for group, _ in fresh)
 
     def _initialise_fused(self, fresh: list[tuple[dict[str, Any], Tensor]], kernel) -> None:
         """``_initialise`` on the CPU with the fused kernel: the statistics of every fresh
@@ -437,15 +432,8 @@ class SGDSaI(Optimizer):
     def _fused_update(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         """The one-pass CPU kernel over ``params`` (one device and dtype) where it applies;
         False leaves them to the foreach / loop path."""
-        first = params[0]
-        if group.get("fused") is False or first.device.type != "cpu":
-            return False
-        if first.dtype not in (torch.float32, torch.float64):
-            return False
-        kernel = fused.cpu_kernel()
+        kernel = _kernel_for([group]) if _fusable(group, params[0]) else None
         if kernel is None:
-            if group.get("fused"):
-                raise RuntimeError(f"SGDSaI(fused=True): {fused.failure()}")
             return False
         mu = group["momentum"]
         grads = [p.grad for p in params]
@@ -526,6 +514,23 @@ def _sgd_sai_update(
             theta.addcmul_(direction, scales[i], value=-lr)
         else:
             theta.add_(direction.mul(-lr * scales[i]))
+
+
+def _fusable(group: dict[str, Any], p: Tensor) -> bool:
+    """Whether the fused CPU kernel takes this group's block ``p`` (contiguity aside)."""
+    return (
+        group.get("fused") is not False
+        and p.device.type == "cpu"
+        and p.dtype in (torch.float32, torch.float64)
+    )
+
+
+def _kernel_for(groups: Iterable[dict[str, Any]]):
+    """The fused kernel, or None where it cannot be built; an error for ``fused=True``."""
+    kernel = fused.cpu_kernel()
+    if kernel is None and any(group.get("fused") for group in groups):
+        raise RuntimeError(f"SGDSaI(fused=True): {fused.failure()}")
+    return kernel
 
 
 def _group_by_device_and_dtype(params: list[Tensor]) -> list[list[Tensor]]:

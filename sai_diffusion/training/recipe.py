@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from ..config import BUILTIN_BASE_MODEL, Concept, TrainConfig
 from ..errors import TrainingDiverged, UserError, first_line
 from ..files.lora_files import save_embeddings, save_lora
 from ..files.run_dir import FINAL_SAMPLES, RunDir, step_tag
+from ..machine import peak_memory_mb, reset_peak_memory
 from ..models.base import load_base, model_fingerprint
 from ..models.lora import add_lora
 from ..models.sampling import SampleSettings, sampling_pipeline, write_samples
@@ -94,7 +94,7 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     """
     dataset = _setup_data(cfg, concept)
     accelerator = _setup_accelerator(cfg)
-    _reset_peak_memory(accelerator.device)  # this run's peak, not an earlier one's in-process
+    reset_peak_memory(accelerator.device)  # this run's peak, not an earlier one's in-process
     torch.manual_seed(cfg.seed)
     pipe, token_ids, trainable = _setup_model(cfg, concept, accelerator)
     lr = cfg.resolved_lr(concept)
@@ -373,7 +373,7 @@ def _train_and_log(run: Run, bar, writer) -> None:
         "loss": loss,
         "step_time": time.perf_counter() - start,
         "lr": {g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)},
-        "peak_mem_mb": _peak_memory_mb(acc.device),
+        "peak_mem_mb": peak_memory_mb(acc.device),
     }
     if acc.is_main_process and (run.step % cfg.log_every == 0 or run.step == cfg.max_steps):
         _log(run, record, writer)
@@ -448,7 +448,7 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
         latents = mean + std * _randn(mean.shape, gens)
     else:
         items = []
-        for k, i in zip(range(first, first + cfg.batch_size), indices, strict=True):
+        for k, i in zip(ks, indices, strict=True):
             run.dataset.set_epoch(k // n)
             items.append(run.dataset[i])
         pixels = torch.stack([it["pixel_values"] for it in items])
@@ -506,32 +506,6 @@ def _log(run: Run, record: dict[str, Any], writer) -> None:
         writer.add_scalar("loss", record["loss"], record["step"])
         for name, value in record["lr"].items():
             writer.add_scalar(f"lr/{name}", value, record["step"])
-
-
-_CLEAR_REFS, _STATUS = "/proc/self/clear_refs", "/proc/self/status"
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    """Start this run's peak: runs trained one after another in one process (the app, a
-    sweep) must not report an earlier run's. On Linux, writing 5 to clear_refs resets the
-    process's peak resident size (VmHWM)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError), open(_CLEAR_REFS, "w") as f:
-        f.write("5")
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    """Peak memory since ``_reset_peak_memory``: CUDA allocations, or the process's peak
-    resident size on the CPU (the lifetime peak where /proc cannot say)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    with contextlib.suppress(OSError, ValueError), open(_STATUS) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
 def _tensorboard(run_dir: RunDir):

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from sai_diffusion import cli, config
 from sai_diffusion.errors import TrainingDiverged
 from sai_diffusion.files.run_dir import RunDir
 from sai_diffusion.training import recipe
-from tests.helpers import make_concept
+from tests.helpers import TRAIN_COMMAND, make_concept, run_train
 
 FAST = [
     "--resolution",
@@ -40,15 +39,6 @@ FAST = [
 ]
 
 
-def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", "from sai_diffusion.cli import train_entry; train_entry()", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.fixture()
 def concept(tmp_path: Path) -> Path:
     return make_concept(tmp_path / "concept")
@@ -57,7 +47,7 @@ def concept(tmp_path: Path) -> Path:
 def test_cli_trains_and_writes_the_run_folder(concept, tiny_pipeline_dir, tmp_path):
     """A real `sai-train-lora` process writes every file of the run-directory contract."""
     out = tmp_path / "run"
-    proc = run_cli(
+    proc = run_train(
         "--concept",
         str(concept),
         "--base-model",
@@ -190,7 +180,7 @@ def test_each_optimizer_trains(optimizer, concept, tiny_pipeline_dir, tmp_path):
 
 def _kill_after_checkpoint(args: list[str], checkpoint: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from sai_diffusion.cli import train_entry; train_entry()", *args],
+        [*TRAIN_COMMAND, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -231,11 +221,11 @@ def test_resume_after_sigkill_is_bitwise_identical(concept, tiny_pipeline_dir, t
     ]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     # both runs in fresh processes: bitwise equality holds for the same torch thread count
-    assert run_cli(*common, "--output-dir", str(whole)).returncode == 0
+    assert run_train(*common, "--output-dir", str(whole)).returncode == 0
     _kill_after_checkpoint([*common, "--output-dir", str(cut)], cut / "checkpoints" / "step-000002")
     assert not (cut / "lora.safetensors").exists()
     assert cli._resume_dir("latest", str(tmp_path)) == cut  # the newest run with checkpoints
-    proc = run_cli("--resume", str(cut))
+    proc = run_train("--resume", str(cut))
     assert proc.returncode == 0, proc.stderr
     a, b = load_file(str(whole / "lora.safetensors")), load_file(str(cut / "lora.safetensors"))
     assert a.keys() == b.keys()

@@ -25,7 +25,7 @@ from sai_diffusion import cli, config
 from sai_diffusion.files.run_dir import RunDir
 from sai_diffusion.training import recipe
 from sai_diffusion.training.schedule import LRSchedule
-from tests.helpers import make_concept
+from tests.helpers import make_concept, run_train
 
 FAST = ["--resolution", "64", "--set", "validation_seeds=[]"]
 
@@ -277,13 +277,6 @@ cli.train_entry()
 """
 
 
-def _train_process(*args: str, preexec=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", "from sai_diffusion.cli import train_entry; train_entry()", *args],
-        capture_output=True, text=True, timeout=240, preexec_fn=preexec,
-    )  # fmt: skip
-
-
 @pytest.mark.slow  # seven real training processes: ~40 s
 def test_sigkill_at_each_point_of_a_checkpoint_write_resumes_bitwise(
     concept, tiny_pipeline_dir, tmp_path
@@ -295,7 +288,7 @@ def test_sigkill_at_each_point_of_a_checkpoint_write_resumes_bitwise(
               "--max-steps", "5", "--checkpoint-every", "2", "--set", "keep_checkpoints=1",
               "--set", "text_encoder_lora=true"]  # fmt: skip
     whole = tmp_path / "whole"
-    assert _train_process(*common, "--output-dir", str(whole)).returncode == 0
+    assert run_train(*common, "--output-dir", str(whole)).returncode == 0
     want = load_file(str(whole / "lora.safetensors"))
     for point, last_complete in (("before", 2), ("during", 2), ("renamed", 4)):
         cut = tmp_path / point
@@ -307,7 +300,7 @@ def test_sigkill_at_each_point_of_a_checkpoint_write_resumes_bitwise(
         run = RunDir(cut)
         assert not run.lora.exists()
         assert run.latest_checkpoint()[0] == last_complete, point
-        resumed = _train_process(*common, "--output-dir", str(cut), "--resume", str(cut))
+        resumed = run_train(*common, "--output-dir", str(cut), "--resume", str(cut))
         assert resumed.returncode == 0, resumed.stderr
         got = load_file(str(run.lora))
         assert got.keys() == want.keys()
@@ -360,7 +353,7 @@ def test_a_checkpoint_write_that_fails_exits_2_and_keeps_the_previous_one(
     before = {p.name: p.read_bytes() for p in previous.path.iterdir()}
     limit = min(len(before[name]) for name in ("trainable.safetensors", "optimizer.pt")) - 1
     assert limit > run.run_yaml.stat().st_size + 4096  # run.yaml and metrics still fit
-    proc = _train_process("--resume", str(out), "--max-steps", "4",
+    proc = run_train("--resume", str(out), "--max-steps", "4",
                           preexec=_file_size_limit(limit))  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -413,7 +406,7 @@ def test_a_full_disk_while_logging_is_one_line_with_exit_2(concept, tiny_pipelin
     run = RunDir(out)
     # run.yaml and the metrics are rewritten on resume and still fit; the log outgrows them
     limit = max(run.run_yaml.stat().st_size, run.metrics.stat().st_size) + 100
-    proc = _train_process("--resume", str(out), "--max-steps", "200",
+    proc = run_train("--resume", str(out), "--max-steps", "200",
                           preexec=_file_size_limit(limit))  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
