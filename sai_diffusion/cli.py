@@ -236,9 +236,11 @@ def sample_main(argv: list[str] | None = None) -> int:
         )
     from .files.lora_files import load_lora_into  # torch: only once the run proved good
     from .models.base import load_base
+    from .models.edlora import load_layerwise
     from .models.sampling import SampleSettings, write_samples
 
     pipe = load_base(cfg)
+    load_layerwise(pipe, run.path)  # an ED-LoRA run's layer-wise embeddings, before the LoRA
     load_lora_into(pipe, run.path, weight=args.lora_weight)
     pipe.set_progress_bar_config(disable=True)  # samples with the base model's own scheduler
     size = args.resolution or cfg.resolution
@@ -261,6 +263,31 @@ def sample_entry() -> None:
 
 
 # ----------------------------------------------------------------------------- sai-compare
+EXPORT_FORMATS = ("mix-of-show",)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="sai-export",
+        description="Write a finished run in another tool's layout. mix-of-show: the "
+        "edlora_model-latest.pth that Mix-of-Show's inference and gradient fusion load "
+        "(merge at alpha 1.0 for the trained strength).",
+    )
+    p.add_argument("run", metavar="RUN_DIR", help="run folder written by sai-train-lora")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--out", required=True, help="the file to write, e.g. potter.pth")
+    args = p.parse_args(argv)
+    RunDir(args.run).read_config()  # a run folder at all: one clear line before torch loads
+    from .files.mix_of_show import export_mix_of_show
+
+    print(export_mix_of_show(Path(args.run), Path(args.out)))
+    return 0
+
+
+def export_entry() -> None:
+    sys.exit(_run(export_main, None))
+
+
 def compare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sai-compare",

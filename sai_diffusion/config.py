@@ -66,7 +66,8 @@ class Concept:
     data: Path
     caption_template: str = "a photo of {token}"
     validation_prompts: list[str] = field(default_factory=lambda: ["a photo of {token}"])
-    lr: dict[str, float] = field(default_factory=dict)
+    # per optimizer: the UNet LoRA's lr, or {unet, text_encoder, embeddings} lrs
+    lr: dict[str, float | dict[str, float]] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     # sai-eval's prompts, seeds and sampler settings; ``object`` names the world object the
     # token stands for in a miniature-world concept (the miniature package checks it)
@@ -135,6 +136,11 @@ class TrainConfig:
     text_encoder_alpha: float | None = None
     train_embeddings: bool = False
     init_noise_std: float = 0.0
+    # Mix-of-Show's ED-LoRA: one embedding per word and cross-attention layer (models.edlora)
+    edlora: bool = False
+    # stop tuning the token vectors once the mean norm of their rows reaches this (0: never;
+    # Mix-of-Show 0.55)
+    embeddings_max_norm: float = 0.0
     # precision and speed
     mixed_precision: str = "no"
     vae_fp32: bool = True
@@ -143,9 +149,22 @@ class TrainConfig:
     # loss and data
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0
+    # multiplies the noise-prediction loss: Mix-of-Show's masked mean sums the 4 latent
+    # channels over a 1-channel mask, 4x the mean (it matters for SGD, not for Adam)
+    loss_scale: float = 1.0
     use_masks: bool = True
+    # the concept words' cross-attention outside the subject mask, penalised (Mix-of-Show 0.01)
+    attn_reg_weight: float = 0.0
     center_crop: bool = False
     random_flip: float = 0.5
+    # "crop": shorter side to the resolution, then a crop; "resize-crop-pad": Mix-of-Show's
+    # random rescale, crop (p 0.5) and paste into the square, the loss kept to the pasted area
+    augmentation: str = "crop"
+    # captions: comma-separated phrases shuffled, the first keep_tokens kept in place
+    shuffle_captions: bool = False
+    keep_tokens: int = 1
+    # wrap each caption in a random template ("a photo of {}", ...), as Mix-of-Show does
+    caption_templates: bool = False
     # checkpoints, logging, validation
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
@@ -159,9 +178,25 @@ class TrainConfig:
     )
 
     def resolved_lr(self, concept: Concept) -> float:
+        """The lr of the UNet LoRA (the run's lr): --lr, else the concept's for this
+        optimizer, else DEFAULT_LR."""
         if self.lr is not None:
             return self.lr
-        return float(concept.lr.get(self.optimizer, DEFAULT_LR[self.optimizer]))
+        given = concept.lr.get(self.optimizer, DEFAULT_LR[self.optimizer])
+        return float(given["unet"] if isinstance(given, dict) else given)
+
+    def group_lrs(self, concept: Concept) -> dict[str, float]:
+        """The lr of each parameter group: ``unet`` (the run's lr), ``text_encoder`` and
+        ``embeddings``. A setting (lr_text_encoder, lr_embeddings) wins, then the concept's
+        per-optimizer mapping (``lr: {scaled-adamw: {unet: 1e-4, text_encoder: 1e-5}}``),
+        then the defaults: the text encoder at lr / 10 (Mix-of-Show's 1e-5 against 1e-4),
+        the embeddings at lr."""
+        lr = self.resolved_lr(concept)
+        given = concept.lr.get(self.optimizer)
+        given = given if isinstance(given, dict) else {}
+        text_encoder = self.lr_text_encoder or given.get("text_encoder") or lr / 10
+        embeddings = self.lr_embeddings or given.get("embeddings") or lr
+        return {"unet": lr, "text_encoder": float(text_encoder), "embeddings": float(embeddings)}
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -199,6 +234,7 @@ CHOICES = {
     "optimizer": OPTIMIZERS,
     "lr_scheduler": ("constant", "linear", "cosine"),
     "mixed_precision": ("no", "fp16", "bf16"),
+    "augmentation": ("crop", "resize-crop-pad"),
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -337,6 +373,26 @@ def validate(cfg: TrainConfig, where: str = "settings") -> TrainConfig:
     need(cfg.validation_every >= 0, "validation_every", "must be >= 0 (0: only at the end)")
     need(1 <= cfg.sample_steps <= 1000, "sample_steps", "must be in [1, 1000]")
     need(cfg.lora_targets != [], "lora_targets", "must name at least one module")
+    need(0 <= cfg.attn_reg_weight <= 100, "attn_reg_weight", "must be in [0, 100] (0: off)")
+    need(0 <= cfg.embeddings_max_norm <= 100, "embeddings_max_norm", "must be in [0, 100] (0: off)")
+    need(0 <= cfg.keep_tokens <= 75, "keep_tokens", "must be in [0, 75]")
+    need(0 < cfg.loss_scale <= 1000, "loss_scale", "must be in (0, 1000]")
+    if cfg.augmentation != "crop" and cfg.cache_latents:
+        raise UserError(
+            f"{where}: augmentation={cfg.augmentation} draws a new rescale and placement every "
+            "epoch, which cached latents cannot hold; set cache_latents=false"
+        )
+    if cfg.attn_reg_weight > 0 and not cfg.use_masks:
+        raise UserError(
+            f"{where}: attn_reg_weight {cfg.attn_reg_weight:g} penalises attention outside the "
+            "subject masks, but use_masks is false; set use_masks=true or attn_reg_weight=0"
+        )
+    if cfg.attn_reg_weight > 0 and cfg.gradient_checkpointing:
+        raise UserError(
+            f"{where}: attn_reg_weight > 0 needs the attention maps of the forward pass, which "
+            "gradient_checkpointing=true discards; set gradient_checkpointing=false or "
+            "attn_reg_weight=0"
+        )
     return cfg
 
 
@@ -390,12 +446,7 @@ def load_concept(name_or_path: str) -> Concept:
     prompts = raw.get("validation_prompts", ["a photo of {token}"])
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise UserError(f"{path}: validation_prompts must be a list of strings")
-    lr = raw.get("lr", {}) or {}
-    for opt, value in lr.items():
-        if opt not in OPTIMIZERS:
-            raise UserError(f"{path}: lr.{opt}: unknown optimizer{closest(opt, OPTIMIZERS)}")
-        if not isinstance(value, int | float) or value <= 0:
-            raise UserError(f"{path}: lr.{opt} must be a number > 0, got {value!r}")
+    lr = _check_lr(raw.get("lr", {}) or {}, path)
     train = raw.get("train", {}) or {}
     if not isinstance(train, dict):
         raise UserError(f"{path}: 'train' must be a mapping of settings")
@@ -409,10 +460,40 @@ def load_concept(name_or_path: str) -> Concept:
         data=(path.parent / raw["data"]).resolve(),
         caption_template=raw.get("caption_template", "a photo of {token}"),
         validation_prompts=prompts,
-        lr={k: float(v) for k, v in lr.items()},
+        lr=lr,
         train=train,
         evaluation=evaluation,
     )
+
+
+_LR_GROUPS = ("unet", "text_encoder", "embeddings")
+
+
+def _check_lr(raw: Any, path: Path) -> dict[str, float | dict[str, float]]:
+    """``lr:``: per optimizer a number (the UNet LoRA's lr) or a mapping of group lrs
+    (``unet`` required; ``text_encoder``, ``embeddings``)."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: lr must be a mapping of optimizer: lr")
+    out: dict[str, float | dict[str, float]] = {}
+    for opt, value in raw.items():
+        if opt not in OPTIMIZERS:
+            raise UserError(f"{path}: lr.{opt}: unknown optimizer{closest(opt, OPTIMIZERS)}")
+        groups = value if isinstance(value, dict) else {"unet": value}
+        for group, lr in groups.items():
+            where = f"lr.{opt}.{group}" if isinstance(value, dict) else f"lr.{opt}"
+            if group not in _LR_GROUPS:
+                raise UserError(
+                    f"{path}: {where}: unknown group{closest(group, _LR_GROUPS)}; the groups "
+                    f"are {', '.join(_LR_GROUPS)}"
+                )
+            if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr <= 10:
+                raise UserError(f"{path}: {where} must be a number in (0, 10], got {lr!r}")
+        if isinstance(value, dict) and "unet" not in value:
+            raise UserError(f"{path}: lr.{opt} needs a unet entry (the run's lr)")
+        out[opt] = (
+            {g: float(v) for g, v in value.items()} if isinstance(value, dict) else float(value)
+        )
+    return out
 
 
 def _check_words(token: str, class_word: str, path: Path) -> None:

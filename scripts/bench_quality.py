@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="default: the concept's max_steps")
     p.add_argument("--eval-seeds", default=None, help="default: the concept's evaluation seeds")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training setting for every run, e.g. --set edlora=true")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("bench/quality"))
     p.add_argument("--plot", type=Path, default=None, help="default: OUT/quality.png")
     return p.parse_args(argv)
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizers = args.optimizers.split(",")
     try:  # before any run: a sweep must not train for an hour and then fail on its settings
         judged_object(config.load_concept(args.concept))
+        config.resolve(args.concept, {}, args.set_items)  # the settings, checked once
         unknown = [o for o in optimizers if o not in OPTIMIZERS]
         if unknown:
             raise UserError(f"--optimizers: unknown {unknown}; choose from {', '.join(OPTIMIZERS)}")
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers, initializer=_one_thread) as pool:
         futures = [pool.submit(train_and_score, args.concept, *job, args.steps, args.out,
-                               eval_seeds) for job in jobs]  # fmt: skip
+                               eval_seeds, args.set_items) for job in jobs]  # fmt: skip
         for i, future in enumerate(as_completed(futures), 1):
             result = future.result()
             with results_path.open("a", encoding="utf-8") as f:
@@ -114,13 +117,15 @@ def train_and_score(
     steps: int | None,
     out: Path,
     eval_seeds: list[int] | None = None,
+    set_items: list[str] = (),
 ) -> dict:
-    """Train one run in this process and let the judge score it (no base model)."""
+    """Train one run in this process (``set_items``: more settings) and let the judge score it
+    (no base model)."""
     from sai_diffusion.miniature.evaluate import evaluate_run
     from sai_diffusion.training.recipe import run_training
 
     flags = {"optimizer": optimizer, "lr": lr, "seed": seed, "max_steps": steps}
-    cfg, concept = config.resolve(concept_name, flags, ["checkpoint_every=0"])
+    cfg, concept = config.resolve(concept_name, flags, ["checkpoint_every=0", *set_items])
     run_dir = out / f"{optimizer}-lr{lr:g}-seed{seed}"
     if run_dir.exists():  # a run killed before it reached results.jsonl starts over
         shutil.rmtree(run_dir)

@@ -16,6 +16,10 @@ Loops (each in its own process, one after another, so that peak memory is each l
                   (inductor) after setup; its first step, which compiles, is reported apart.
                   Speed only: on torch 2.13's CPU inductor its LoRA gradients are wrong
                   (scripts/check_compile_gradients.py), which is why the recipe does not offer it
+  ours-te         (only with --loops) SGD-SaI training what Mix-of-Show trains: UNet and
+                  text-encoder LoRA and the token vectors, the text encoder run every step
+  ours-edlora     (only with --loops) the same with edlora=true: one embedding per word and
+                  cross-attention layer, the text encoder run on L copies of each caption
 
 Reported per loop: median step time and steps/s over the timed steps, its ratio to the
 reference, the peak resident memory of the process while training (after the model is loaded:
@@ -41,7 +45,10 @@ import torch
 
 from sai_diffusion.machine import peak_memory_mb, reset_peak_memory
 
-LOOPS = ("reference", "ours-adamw", "ours-sgd-sai", "ours-no-cache", "ours-compiled")
+LOOPS = ("reference", "ours-adamw", "ours-sgd-sai", "ours-no-cache", "ours-compiled",
+         "ours-te", "ours-edlora")  # fmt: skip
+# loops run only when asked (--loops): the cost of ED-LoRA's layer-wise embeddings
+EXTRA_LOOPS = ("ours-te", "ours-edlora")
 RANK = 4
 
 
@@ -189,6 +196,9 @@ def _ours(args, device: torch.device, base: str, concept, loop: str, run_dir: Pa
                 "text_encoder_lora=false", "max_grad_norm=1.0"]  # fmt: skip
     if loop == "ours-no-cache":
         settings.append("cache_latents=false")
+    if loop in EXTRA_LOOPS:  # what Mix-of-Show trains, plain or layer-wise
+        settings += ["text_encoder_lora=true", "train_embeddings=true",
+                     f"edlora={'true' if loop == 'ours-edlora' else 'false'}"]  # fmt: skip
     flags = {
         "base_model": base,
         "resolution": args.resolution,
@@ -237,7 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no")
-    p.add_argument("--loops", default=",".join(LOOPS))
+    p.add_argument("--loops", default=",".join(x for x in LOOPS if x not in EXTRA_LOOPS))
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "sai-bench-sd15")
     p.add_argument("--json", type=Path)
     p.add_argument("--one", choices=LOOPS, help=argparse.SUPPRESS)

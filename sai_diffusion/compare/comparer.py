@@ -30,7 +30,9 @@ from PIL import Image
 
 from ..errors import UserError, first_line
 from ..files.lora_files import read_embeddings
+from ..files.mix_of_show import read_edlora
 from ..files.run_dir import RunInfo
+from ..models import edlora
 from ..models.base import load_base
 from ..models.sampling import SampleSettings, generate, sampling_pipeline
 from ..models.tokens import set_token_embeddings
@@ -77,12 +79,22 @@ class Comparer:
         self._lock = threading.Lock()
         # Files first: a bad one should fail before the model loads.
         self._vectors = {r.name: read_embeddings(r.path) for r in self.runs}
+        layerwise = {r.name: read_edlora(r.path) for r in self.runs}  # ED-LoRA runs
 
         cfg, _, _ = _base_source(self.runs).files.read_config()
         self.pipe = sampling_pipeline(load_base(cfg))
         # Tokens before adapters: resizing the embedding table must not meet peft wrappers.
         for vectors in self._vectors.values():
             set_token_embeddings(self.pipe, vectors)
+        # ED-LoRA runs: their layer tokens, switched per run like the others, and their words
+        self._layer_words: dict[str, edlora.LayerWords | None] = {}
+        for r in self.runs:
+            found = layerwise[r.name]
+            words = found and edlora.apply_layerwise(self.pipe, *found, where=str(r.files.edlora))
+            self._layer_words[r.name] = words
+            if found:
+                self._vectors[r.name] = edlora.vectors_by_token(found[0])
+        edlora.set_layer_words(self.pipe.unet, None)
         self._adapters = _adapter_names(self.runs)
         for run in self.runs:
             self._load_lora(run)
@@ -191,6 +203,7 @@ class Comparer:
         vectors switched on, or with LoRA off for None (the base model)."""
         with self._lock:
             if run_name is None:
+                edlora.set_layer_words(self.pipe.unet, None)
                 self.pipe.disable_lora()
                 try:
                     yield self.pipe
@@ -198,6 +211,7 @@ class Comparer:
                     self.pipe.enable_lora()
                 return
             set_token_embeddings(self.pipe, self._vectors[run_name])
+            edlora.set_layer_words(self.pipe.unet, self._layer_words[run_name])
             self.pipe.set_adapters([self._adapters[run_name]], adapter_weights=[lora_weight])
             yield self.pipe
 

@@ -109,8 +109,8 @@ def save_lora(
         "lora_adapter_metadata": json.dumps(adapter_config, sort_keys=True),
     }
     paths = {"lora": run.lora, "lora_kohya": run.kohya}
-    _atomic_save(diffusers_tensors, paths["lora"], diffusers_header)
-    _atomic_save(kohya_tensors, paths["lora_kohya"], header)
+    atomic_save_tensors(diffusers_tensors, paths["lora"], diffusers_header)
+    atomic_save_tensors(kohya_tensors, paths["lora_kohya"], header)
     return paths
 
 
@@ -162,7 +162,7 @@ def save_embeddings(
         rows = embedding(ids.to(embedding.weight.device)).float().cpu()  # (n, dim)
     tensors = {t: rows[i : i + 1].clone() for i, t in enumerate(tokens)}  # (1, dim) each
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save(tensors, path, {"format": "pt", "tokens": json.dumps(tokens)})
+    atomic_save_tensors(tensors, path, {"format": "pt", "tokens": json.dumps(tokens)})
     return path
 
 
@@ -271,7 +271,9 @@ def _kohya_tensors(modules: dict[str, _Factors], prefix: str) -> dict[str, torch
     return out
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def atomic_save_tensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
+) -> None:
     """Write a safetensors file so that ``path`` is either absent/old or the complete new one."""
     data = safetensors.torch.save({k: v.cpu() for k, v in tensors.items()}, metadata=metadata)
     with atomic_path(path) as tmp:

@@ -6,6 +6,8 @@
       lora.safetensors          the LoRA, diffusers keys          files.lora_files
       lora_kohya.safetensors    the LoRA, kohya / A1111 keys      files.lora_files
       embeddings.safetensors    concept-token vectors (TI format) files.lora_files
+      edlora.safetensors        ED-LoRA runs: layer-wise vectors  files.mix_of_show
+                                (instead of embeddings.safetensors)
       gsnr.json                 SGD-SaI's g-SNR and scale         write_gsnr, read_gsnr
       eval.json                 sai-eval's scores                 write_scores, read_scores
       samples/<tag>/            pNN-sS.png (prompt NN, seed S)    sample_name, read_samples
@@ -42,6 +44,7 @@ METRICS_FILE = "metrics.jsonl"
 LORA_FILE = "lora.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"
+EDLORA_FILE = "edlora.safetensors"
 GSNR_FILE = "gsnr.json"
 EVAL_FILE = "eval.json"
 SAMPLES_DIR = "samples"
@@ -125,6 +128,11 @@ class RunDir:
     @property
     def embeddings(self) -> Path:
         return self.path / EMBEDDINGS_FILE
+
+    @property
+    def edlora(self) -> Path:
+        """ED-LoRA runs' layer-wise embeddings (one (L, D) tensor per word)."""
+        return self.path / EDLORA_FILE
 
     @property
     def gsnr(self) -> Path:

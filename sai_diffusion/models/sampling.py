@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..files.run_dir import sample_name, write_prompts
 from ..fsutil import atomic_path
+from .edlora import encode_layerwise, layer_words, spread
 
 SCHEDULER = "DPM-Solver++ multistep"  # what reports call the sampler
 
@@ -75,11 +76,26 @@ def _latents(pipe: StableDiffusionPipeline, seeds: Sequence[int], settings: Samp
 def generate_batch(
     pipe: StableDiffusionPipeline, prompt: str, seeds: Sequence[int], settings: SampleSettings
 ) -> list[Image.Image]:
-    """One image of ``prompt`` per seed, in one batch; ``pipe`` from ``sampling_pipeline``."""
+    """One image of ``prompt`` per seed, in one batch; ``pipe`` from ``sampling_pipeline``.
+
+    A prompt naming ED-LoRA words (``models.edlora``) is encoded layer by layer, with the
+    negative prompt shared by all layers."""
     negative = settings.negative_prompt
+    texts = {"prompt": [prompt] * len(seeds)}
+    if negative is not None:
+        texts["negative_prompt"] = [negative] * len(seeds)
+    words = layer_words(pipe.unet)
+    if words is not None and words.uses(prompt):
+        device = pipe.text_encoder.device
+        embeds = encode_layerwise(pipe.tokenizer, pipe.text_encoder, [prompt], words, device=device)
+        plain = encode_layerwise(pipe.tokenizer, pipe.text_encoder, [negative or ""], None,
+                                 device=device)  # fmt: skip
+        texts = {
+            "prompt_embeds": embeds.expand(len(seeds), -1, -1),
+            "negative_prompt_embeds": spread(plain, words.layers).expand(len(seeds), -1, -1),
+        }
     out = pipe(
-        [prompt] * len(seeds),
-        negative_prompt=None if negative is None else [negative] * len(seeds),
+        **texts,
         num_inference_steps=settings.steps,
         guidance_scale=settings.guidance_scale,
         height=settings.height,

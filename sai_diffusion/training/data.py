@@ -11,6 +11,11 @@ Captions may say ``<TOK>`` where the concept token goes; an image without a capt
 caption template. Every image and mask is decoded once at discovery, so a broken file is
 reported before training starts rather than hours into it.
 
+Two augmentations make the squares: "crop" (shorter side to the resolution, then a square
+crop) and Mix-of-Show's "resize-crop-pad" (maybe crop, shrink the whole to fit, paste at a
+random place on black, the pasted area returned as ``valid``). ``augment_caption`` shuffles a
+caption's comma-separated phrases and wraps it in a random phrasing such as "a photo of {}".
+
 Augmentation randomness comes from (seed, epoch, index) alone, never from global RNG state:
 a resumed run, or a run with a different number of DataLoader workers, sees exactly the
 same crops and flips.
@@ -30,6 +35,28 @@ from ..errors import UserError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSION = ".txt"
 TOKEN_PLACEHOLDER = "<TOK>"
+AUGMENTATIONS = ("crop", "resize-crop-pad")
+
+# Neutral phrasings, fit for a person or an object, in the manner of textual inversion's
+# prompt list; each holds "{}" once, where the caption goes.
+CAPTION_TEMPLATES = (
+    "a photo of {}",
+    "a picture of {}",
+    "an image of {}",
+    "a rendition of {}",
+    "a close-up photo of {}",
+    "a cropped photo of {}",
+    "a bright photo of {}",
+    "a dark photo of {}",
+    "a good photo of {}",
+    "a bad photo of {}",
+    "a blurry photo of {}",
+    "a sharp photo of {}",
+    "a small photo of {}",
+    "a large photo of {}",
+    "a snapshot of {}",
+    "a photograph showing {}",
+)
 
 _LAYOUTS_HELP = (
     "Accepted layouts: Mix-of-Show (image/, with optional caption/<name>.txt and "
@@ -238,6 +265,37 @@ def non_square_images(examples: list[Example]) -> list[Path]:
     return cut
 
 
+# --------------------------------------------------------------------------- captions
+
+
+def augment_caption(
+    caption: str, rng: np.random.Generator, *, shuffle: bool, keep_tokens: int, templates: bool
+) -> str:
+    """The caption with its phrases shuffled and/or wrapped in one of ``CAPTION_TEMPLATES``.
+
+    ``shuffle`` splits on commas, drops empty phrases and shuffles all but the first
+    ``keep_tokens`` (which hold the concept token, usually), joined again with ", ".
+    ``templates`` puts the result where a random template says "{}". The draws come in a fixed
+    order, the permutation and then the template; with both off the caption is returned as is.
+
+    Raises UserError when keep_tokens is negative.
+    """
+    if keep_tokens < 0:
+        raise UserError(
+            f"keep_tokens is the number of leading phrases kept in place and must be >= 0, "
+            f"got {keep_tokens}."
+        )
+    if shuffle:
+        phrases = [part.strip() for part in caption.split(",")]
+        phrases = [phrase for phrase in phrases if phrase]
+        kept, rest = phrases[:keep_tokens], phrases[keep_tokens:]
+        caption = ", ".join(kept + [rest[i] for i in rng.permutation(len(rest))])
+    if templates:
+        template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
+        caption = template.replace("{}", caption)  # not format(): braces in captions stay
+    return caption
+
+
 # --------------------------------------------------------------------------- pixels
 
 
@@ -274,15 +332,104 @@ def _resize_shortest_side(image: Image.Image, size: int, resample: Image.Resampl
     return image if new_size == image.size else image.resize(new_size, resample=resample)
 
 
+def _fit_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) scaled to fit the size x size square: the shorter side to size - 1
+    unless the longer side would then pass size (torchvision's resize(size - 1, max_size=size),
+    which Mix-of-Show uses; a square becomes (size - 1) x (size - 1)). Rounded, at least 1."""
+    scale = min((size - 1) / min(width, height), size / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _crop(
+    image: Image.Image,
+    mask: Image.Image | None,
+    rng: np.random.Generator,
+    *,
+    size: int,
+    center: bool,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """A size x size crop of the image (short side already size) and of its mask.
+
+    Returns pixels (R, R, 3) in [0, 255], mask weights (R, R) in [0, 255] or None, and the
+    valid area (R, R), all ones. Draws: the crop's top, then its left (even when centred).
+    """
+    width, height = image.size
+    top = int(rng.integers(0, height - size + 1))
+    left = int(rng.integers(0, width - size + 1))
+    if center:
+        top, left = (height - size) // 2, (width - size) // 2
+    rows, cols = slice(top, top + size), slice(left, left + size)
+    pixels = np.asarray(image, dtype=np.float32)[rows, cols]
+    weights = None if mask is None else np.asarray(mask, dtype=np.float32)[rows, cols]
+    return pixels, weights, np.ones((size, size), dtype=np.float32)
+
+
+def _resize_crop_pad(
+    image: Image.Image,
+    mask: Image.Image | None,
+    rng: np.random.Generator,
+    *,
+    size: int,
+    crop_p: float,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Mix-of-Show's HumanResizeCropFinalV3 on an image whose short side is already size.
+
+    With probability crop_p it crops: a portrait keeps its top (a person's head), full width
+    and a random height in [width, height]; any other image a random size x size square. The
+    image, cropped or whole, is then shrunk to fit the square (``_fit_size``) and pasted at a
+    random place on black. Returns pixels (R, R, 3) in [0, 255], mask weights (R, R) in
+    [0, 255] or None, and the valid area (R, R): 1 where pasted, 0 elsewhere; the mask is 0
+    outside it too. Draws, whatever the branch: crop or not, the crop's top, its left, the
+    paste's top, its left.
+    """
+    width, height = image.size
+    crop = bool(rng.random() < crop_p)
+    # A portrait's width is size, so `top` (in [0, height - width]) is its extra kept height.
+    top = int(rng.integers(0, height - size + 1))
+    left = int(rng.integers(0, width - size + 1))
+    if crop:
+        box = (0, 0, width, width + top) if height > width else (left, top, left + size, top + size)
+        image = image.crop(box)
+        mask = None if mask is None else mask.crop(box)
+
+    fitted = _fit_size(*image.size, size)
+    if fitted != image.size:
+        image = image.resize(fitted, resample=Image.Resampling.BICUBIC)
+        mask = None if mask is None else mask.resize(fitted, resample=Image.Resampling.BILINEAR)
+    pasted_width, pasted_height = fitted
+    paste_top = int(rng.integers(0, size - pasted_height + 1))
+    paste_left = int(rng.integers(0, size - pasted_width + 1))
+
+    rows = slice(paste_top, paste_top + pasted_height)
+    cols = slice(paste_left, paste_left + pasted_width)
+    pixels = np.zeros((size, size, 3), dtype=np.float32)  # black: -1 once normalised
+    pixels[rows, cols] = np.asarray(image, dtype=np.float32)
+    valid = np.zeros((size, size), dtype=np.float32)
+    valid[rows, cols] = 1.0
+    weights = None
+    if mask is not None:
+        weights = np.zeros((size, size), dtype=np.float32)
+        weights[rows, cols] = np.asarray(mask, dtype=np.float32)
+    return pixels, weights, valid
+
+
 class ConceptDataset(torch.utils.data.Dataset):
     """Square crops of the concept images with their masks, as tensors.
 
     Each item is a dict: ``pixel_values`` (3, R, R) float in [-1, 1], ``mask`` (1, R, R) float
-    in [0, 1] (ones when the image has no mask), ``caption`` str, ``index`` int. The image
-    is resized so its shorter side is R (bicubic; bilinear for the mask), then cropped
-    (randomly, or centred) and maybe mirrored; image and mask get the same crop and flip.
+    in [0, 1] (ones over the image when it has no mask), ``valid`` (1, R, R) float, 1 where the
+    square shows the image and 0 on padding, ``caption`` str, ``index`` int. The image is
+    resized so its shorter side is R (bicubic; bilinear for the mask), then
 
-    The crop and flip of item i depend only on (seed, epoch, i): call ``set_epoch`` at the
+    - ``augmentation="crop"``: cropped (randomly, or centred with ``center_crop``); ``valid``
+      is all ones;
+    - ``augmentation="resize-crop-pad"`` (Mix-of-Show's): cropped with probability ``crop_p``,
+      shrunk to fit and pasted on black at a random place (``_resize_crop_pad``).
+      ``center_crop`` applies to "crop" only and is ignored here;
+
+    and then maybe mirrored; image, mask and valid area get the same crop, paste and flip.
+
+    The augmentation of item i depends only on (seed, epoch, i): call ``set_epoch`` at the
     start of each epoch. DataLoader workers hold a copy of the dataset, so use
     ``persistent_workers=False`` (the default) for ``set_epoch`` to reach them.
     """
@@ -292,6 +439,8 @@ class ConceptDataset(torch.utils.data.Dataset):
         examples: list[Example],
         *,
         resolution: int,
+        augmentation: str = "crop",
+        crop_p: float = 0.5,
         center_crop: bool = False,
         random_flip: float = 0.5,
         seed: int = 0,
@@ -300,12 +449,21 @@ class ConceptDataset(torch.utils.data.Dataset):
             raise UserError("The dataset has no examples. Fix: add images to the data folder.")
         if resolution <= 0:
             raise UserError(f"resolution must be a positive number of pixels, got {resolution}.")
+        if augmentation not in AUGMENTATIONS:
+            raise UserError(
+                f"augmentation must be one of {', '.join(map(repr, AUGMENTATIONS))}, got "
+                f"{augmentation!r}."
+            )
+        if not 0.0 <= crop_p <= 1.0:
+            raise UserError(f"crop_p is a probability and must be in [0, 1], got {crop_p}.")
         if not 0.0 <= random_flip <= 1.0:
             raise UserError(
                 f"random_flip is a probability and must be in [0, 1], got {random_flip}."
             )
         self.examples = list(examples)
         self.resolution = resolution
+        self.augmentation = augmentation
+        self.crop_p = crop_p
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
@@ -340,29 +498,31 @@ class ConceptDataset(torch.utils.data.Dataset):
             mask = _resize_shortest_side(mask, size, Image.Resampling.BILINEAR)
 
         # Always draw in the same order, whatever the settings, so one setting does not
-        # shift the random stream of another.
+        # shift the random stream of another: the geometry's draws, then the flip.
         rng = self.augmentation_rng(index)
-        width, height = image.size
-        top = int(rng.integers(0, height - size + 1))
-        left = int(rng.integers(0, width - size + 1))
-        flip = bool(rng.random() < self.random_flip)
-        if self.center_crop:
-            top, left = (height - size) // 2, (width - size) // 2
-
-        pixels = np.asarray(image, dtype=np.float32)[top : top + size, left : left + size]
-        pixel_values = torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)  # (3, R, R)
-        if mask is None:
-            mask_values = torch.ones(1, size, size)
+        if self.augmentation == "crop":
+            pixels, weights, valid = _crop(image, mask, rng, size=size, center=self.center_crop)
         else:
-            weights = np.asarray(mask, dtype=np.float32)[top : top + size, left : left + size]
+            pixels, weights, valid = _resize_crop_pad(
+                image, mask, rng, size=size, crop_p=self.crop_p
+            )
+        flip = bool(rng.random() < self.random_flip)
+
+        pixel_values = torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)  # (3, R, R)
+        valid_values = torch.from_numpy(valid).unsqueeze(0)  # (1, R, R)
+        if weights is None:  # no mask file: the whole image is the subject
+            mask_values = valid_values.clone()
+        else:
             mask_values = torch.from_numpy(weights / 255.0).unsqueeze(0)  # (1, R, R)
         if flip:
             pixel_values = pixel_values.flip(-1)
             mask_values = mask_values.flip(-1)
+            valid_values = valid_values.flip(-1)
 
         return {
             "pixel_values": pixel_values.contiguous(),
             "mask": mask_values.contiguous(),
+            "valid": valid_values.contiguous(),
             "caption": example.caption,
             "index": index,
         }

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -28,8 +29,10 @@ from tqdm.auto import tqdm
 from ..config import BUILTIN_BASE_MODEL, Concept, TrainConfig
 from ..errors import TrainingDiverged, UserError, first_line
 from ..files.lora_files import save_embeddings, save_lora
+from ..files.mix_of_show import save_edlora
 from ..files.run_dir import FINAL_SAMPLES, RunDir, step_tag
 from ..machine import peak_memory_mb, reset_peak_memory
+from ..models import edlora
 from ..models.base import load_base, model_fingerprint
 from ..models.lora import add_lora
 from ..models.sampling import SampleSettings, sampling_pipeline, write_samples
@@ -40,8 +43,9 @@ from ..models.tokens import (
     tokenize,
 )
 from ..optim import SGDSaI, build_optimizer
+from .attention import attention_penalty, word_positions
 from .checkpoints import TrainingState, load_latest_checkpoint, save_checkpoint
-from .data import ConceptDataset, discover_examples, non_square_images
+from .data import ConceptDataset, augment_caption, discover_examples, non_square_images
 from .loss import min_snr_weight, per_sample_mse, prediction_target
 from .schedule import build_lr_scheduler, replan_lr_scheduler
 
@@ -69,6 +73,8 @@ class Run:
     base_fingerprint: str
     cache: dict[str, Any] = field(default_factory=dict)
     step: int = 0
+    # the token vectors once their mean norm reached embeddings_max_norm: kept from then on
+    frozen_vectors: torch.Tensor | None = None
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -98,7 +104,7 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     torch.manual_seed(cfg.seed)
     pipe, token_ids, trainable = _setup_model(cfg, concept, accelerator)
     lr = cfg.resolved_lr(concept)
-    optimizer, lr_scheduler = _setup_optimizer(cfg, trainable, lr)
+    optimizer, lr_scheduler = _setup_optimizer(cfg, trainable, cfg.group_lrs(concept))
 
     # accelerate wraps the trained modules (DDP across GPUs) and the optimizer (GradScaler).
     unet, text_encoder = pipe.unet, pipe.text_encoder
@@ -141,6 +147,7 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
             ) from None
         if accelerator.is_main_process:
             run.run_dir.truncate_metrics(run.step)  # the steps after it are trained again
+        _limit_embeddings(run)  # a run whose vectors had reached the limit keeps them frozen
     return run
 
 
@@ -148,12 +155,19 @@ def _setup_data(cfg: TrainConfig, concept: Concept) -> ConceptDataset:
     examples = discover_examples(
         concept.data, token=concept.text, caption_template=concept.caption_template
     )
+    if cfg.attn_reg_weight > 0 and not any(e.mask_path for e in examples):
+        raise UserError(
+            f"attn_reg_weight {cfg.attn_reg_weight:g} penalises attention outside the subject "
+            f"masks, and {concept.data} has none; add masks (mask/<name>.png beside image/) "
+            "or set attn_reg_weight=0"
+        )
     return ConceptDataset(
         examples,
         resolution=cfg.resolution,
         center_crop=cfg.center_crop,
         random_flip=cfg.random_flip,
         seed=cfg.seed,
+        augmentation=cfg.augmentation,
     )
 
 
@@ -203,6 +217,14 @@ def _setup_model(cfg: TrainConfig, concept: Concept, accelerator: Accelerator):
         init_noise_std=cfg.init_noise_std,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
+    if cfg.edlora:  # each word's rows, one per cross-attention layer, start as the word's row
+        layers = edlora.install_processors(unet, pipe.tokenizer.model_max_length)
+        token_ids = edlora.add_layerwise_tokens(pipe.tokenizer, text_encoder, concept.words,
+                                                len(layers))  # fmt: skip
+        tokens = {w: edlora.layer_tokens(w, len(layers)) for w in concept.words}
+        edlora.set_layer_words(unet, edlora.LayerWords(tokens, len(layers)))
+    elif cfg.attn_reg_weight > 0:  # the processors record attention; a plain context is shared
+        edlora.install_processors(unet, pipe.tokenizer.model_max_length)
     add_lora(
         unet,
         text_encoder if cfg.text_encoder_lora else None,
@@ -234,10 +256,11 @@ def _setup_model(cfg: TrainConfig, concept: Concept, accelerator: Accelerator):
     return pipe, token_ids, trainable
 
 
-def _setup_optimizer(cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter], lr: float):
-    """The optimizer over named groups (UNet LoRA at lr; text-encoder LoRA at lr_text_encoder,
-    default lr/10 as Mix-of-Show's 1e-5 vs 1e-4; token vectors at lr_embeddings, default lr),
-    then the lr schedule."""
+def _setup_optimizer(
+    cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter], lrs: dict[str, float]
+):
+    """The optimizer over named groups (UNet LoRA, text-encoder LoRA, token vectors; lrs from
+    ``TrainConfig.group_lrs``), then the lr schedule."""
     groups = {"unet": [], "text_encoder": [], "embeddings": []}
     for name, p in trainable.items():
         if name.endswith(".vectors"):
@@ -246,11 +269,7 @@ def _setup_optimizer(cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter],
             groups["text_encoder"].append((name, p))
         else:
             groups["unet"].append((name, p))
-    lrs = {
-        "unet": lr,
-        "text_encoder": cfg.lr_text_encoder if cfg.lr_text_encoder is not None else lr / 10,
-        "embeddings": cfg.lr_embeddings if cfg.lr_embeddings is not None else lr,
-    }
+    lr = lrs["unet"]
     optimizer = build_optimizer(
         cfg.optimizer,
         [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v],
@@ -272,9 +291,14 @@ def _setup_caches(run: Run) -> None:
     if run.cfg.cache_latents:
         _cache_latents(run)
         _note_cached_crops(run)
-    if not run.trains_text_encoder:
+    # augmented captions are new every time: encoded each step
+    if not run.trains_text_encoder and not _augments_captions(run.cfg):
         captions = sorted({e.caption for e in run.dataset.examples})
         run.cache["text"] = {c: _encode_text(run, [c])[0].cpu() for c in captions}
+
+
+def _augments_captions(cfg: TrainConfig) -> bool:
+    return cfg.shuffle_captions or cfg.caption_templates
 
 
 def _cache_latents(run: Run) -> None:
@@ -314,6 +338,15 @@ def _note_cached_crops(run: Run) -> None:
 
 
 def _encode_text(run: Run, captions: list[str]) -> torch.Tensor:
+    """(B, 77, D); an ED-LoRA run's (B, L * 77, D), every layer's copy in one batch."""
+    if run.cfg.edlora:
+        words = edlora.layer_words(_plain(run, run.unet))
+        context = edlora.encode_layerwise(
+            run.pipe.tokenizer, run.text_encoder, captions, words, device=run.accelerator.device
+        )
+        plain = context.shape[1] == run.pipe.tokenizer.model_max_length  # no caption has words
+        # laid out for every layer all the same, so cached captions stack with the others
+        return edlora.spread(context, words.layers) if plain else context
     ids = tokenize(run.pipe.tokenizer, captions)
     return run.text_encoder(ids.to(run.accelerator.device))[0]  # (B, 77, D)
 
@@ -416,8 +449,27 @@ def _train_step(run: Run) -> float:
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    _limit_embeddings(run)
     run.step += 1
     return loss
+
+
+def _limit_embeddings(run: Run) -> None:
+    """Mix-of-Show's norm threshold: once the mean L2 norm of the token vectors' rows reaches
+    embeddings_max_norm they stop changing (kept as they were at that step)."""
+    limit = run.cfg.embeddings_max_norm
+    vectors = next((p for n, p in run.trainable.items() if n.endswith(".vectors")), None)
+    if limit <= 0 or vectors is None:
+        return
+    with torch.no_grad():
+        if run.frozen_vectors is not None:
+            vectors.copy_(run.frozen_vectors)
+        elif vectors.norm(dim=-1).mean().item() >= limit:
+            run.frozen_vectors = vectors.detach().clone()
+            run.accelerator.print(
+                f"step {run.step + 1}: the token vectors' mean norm reached "
+                f"embeddings_max_norm {limit:g}; they are kept from here on"
+            )
 
 
 def _example_generator(seed: int, k: int) -> torch.Generator:
@@ -453,6 +505,7 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
             items.append(run.dataset[i])
         pixels = torch.stack([it["pixel_values"] for it in items])
         mask = torch.stack([it["mask"] for it in items])
+        valid = torch.stack([it["valid"] for it in items])
         vae = run.pipe.vae
         with torch.no_grad():
             dist = vae.encode(pixels.to(acc.device, vae.dtype)).latent_dist
@@ -461,6 +514,12 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
             )
     latents = latents * run.pipe.vae.config.scaling_factor
     captions = [run.dataset.examples[i].caption for i in indices]
+    if _augments_captions(cfg):  # their own stream: the draws above stay those of plain runs
+        captions = [
+            augment_caption(c, _caption_rng(cfg.seed, k), shuffle=cfg.shuffle_captions,
+                            keep_tokens=cfg.keep_tokens, templates=cfg.caption_templates)
+            for c, k in zip(captions, ks, strict=True)
+        ]  # fmt: skip
     noise = _randn(latents.shape, gens)
     if cfg.noise_offset:
         noise += cfg.noise_offset * _randn(latents.shape[:2] + (1, 1), gens)
@@ -471,8 +530,14 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
         "noise": noise,
         "timesteps": timesteps,
         "mask": mask,
+        # the pasted area of resize-crop-pad, the loss's mask when use_masks is false
+        "valid": valid if cfg.augmentation != "crop" else None,
         "captions": captions,
     }
+
+
+def _caption_rng(seed: int, k: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFF_FFFF_FFFF_FFFF, k, 1]))
 
 
 def _randn(shape: torch.Size | tuple[int, ...], gens: list[torch.Generator]) -> torch.Tensor:
@@ -481,8 +546,9 @@ def _randn(shape: torch.Size | tuple[int, ...], gens: list[torch.Generator]) -> 
 
 
 def _loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
-    """Noise-prediction MSE of the batch, mask-weighted, optionally min-SNR weighted."""
-    device, sched = run.accelerator.device, run.noise_scheduler
+    """Noise-prediction MSE of the batch (mask-weighted, optionally min-SNR weighted, times
+    loss_scale), plus the attention regularisation when attn_reg_weight > 0."""
+    cfg, device, sched = run.cfg, run.accelerator.device, run.noise_scheduler
     latents, noise = batch["latents"].to(device), batch["noise"].to(device)
     timesteps = batch["timesteps"].to(device)
     noisy = sched.add_noise(latents, noise, timesteps)
@@ -491,13 +557,52 @@ def _loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     else:
         context = _encode_text(run, batch["captions"])
     unet_dtype = next(run.unet.parameters()).dtype
-    pred = run.unet(noisy.to(unet_dtype), timesteps, context.to(unet_dtype)).sample
+    with _recording(run) as records:
+        pred = run.unet(noisy.to(unet_dtype), timesteps, context.to(unet_dtype)).sample
     target = prediction_target(sched, latents, noise, timesteps)
-    mask = batch["mask"].to(device) if run.cfg.use_masks else None
-    per_sample = per_sample_mse(pred, target, mask)
-    if run.cfg.min_snr_gamma > 0:
-        per_sample = per_sample * min_snr_weight(sched, timesteps, run.cfg.min_snr_gamma)
-    return per_sample.mean()
+    mask = batch["mask"] if cfg.use_masks else batch["valid"]
+    per_sample = per_sample_mse(pred, target, None if mask is None else mask.to(device))
+    if cfg.min_snr_gamma > 0:
+        per_sample = per_sample * min_snr_weight(sched, timesteps, cfg.min_snr_gamma)
+    loss = per_sample.mean() * cfg.loss_scale
+    if records:
+        positions = word_positions(_caption_ids(run, batch["captions"]).to(device),
+                                   _word_ids(run))  # fmt: skip
+        penalty = attention_penalty(records, positions, batch["mask"].to(device),
+                                    tuple(latents.shape[-2:]))  # fmt: skip
+        loss = loss + cfg.attn_reg_weight * penalty
+    return loss
+
+
+@contextlib.contextmanager
+def _recording(run: Run):
+    """The cross-attention probabilities of one UNet call, when attn_reg_weight > 0."""
+    if run.cfg.attn_reg_weight <= 0:
+        yield []
+        return
+    records: list = []
+    layers = edlora.processors(_plain(run, run.unet))
+    for p in layers:
+        p.record = records
+    try:
+        yield records
+    finally:
+        for p in layers:
+            p.record = None
+
+
+def _caption_ids(run: Run, captions: list[str]) -> torch.Tensor:
+    """The token ids of the captions as layer 0 reads them (the words' positions)."""
+    words = edlora.layer_words(_plain(run, run.unet)) if run.cfg.edlora else None
+    texts = [words.bind(c, 0) for c in captions] if words else captions
+    return tokenize(run.pipe.tokenizer, texts)
+
+
+def _word_ids(run: Run) -> list[int]:
+    """Each concept word's token id as layer 0 reads it."""
+    words = edlora.layer_words(_plain(run, run.unet)) if run.cfg.edlora else None
+    tokens = [words.tokens[w][0] for w in run.concept.words] if words else run.concept.words
+    return run.pipe.tokenizer.convert_tokens_to_ids(tokens)
 
 
 def _log(run: Run, record: dict[str, Any], writer) -> None:
@@ -638,15 +743,34 @@ def _write_outputs(run: Run, optimizer) -> dict[str, Path]:
         text_encoder_alpha=cfg.text_encoder_alpha,
         metadata=metadata,
     )
-    files["embeddings"] = save_embeddings(
-        run.run_dir.embeddings,
-        tokenizer=run.pipe.tokenizer,
-        text_encoder=text_encoder,
-        tokens=run.concept.words,
-    )
+    if cfg.edlora:  # (L, D) per word; a TI file would read it as L tokens, so none is written
+        files["edlora"] = save_edlora(
+            run.run_dir.edlora,
+            _layerwise_vectors(run, text_encoder),
+            layers=[name for name, _ in edlora.cross_attention_layers(unet)],
+            metadata={k: metadata[k] for k in ("sai_concept", "sai_token", "sai_base_model")},
+        )
+    else:
+        files["embeddings"] = save_embeddings(
+            run.run_dir.embeddings,
+            tokenizer=run.pipe.tokenizer,
+            text_encoder=text_encoder,
+            tokens=run.concept.words,
+        )
     if gsnr is not None:
         run.run_dir.write_gsnr(gsnr)
     return files
+
+
+def _layerwise_vectors(run: Run, text_encoder) -> dict[str, torch.Tensor]:
+    """``{word: (L, D)}`` of an ED-LoRA run, read from the (baked) embedding table."""
+    words = edlora.layer_words(_plain(run, run.unet))
+    weight = text_encoder.get_input_embeddings().weight
+    vocab = run.pipe.tokenizer.get_vocab()
+    return {
+        w: weight[[vocab[t] for t in words.tokens[w]]].detach().float().cpu()
+        for w in run.concept.words
+    }
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -1,0 +1,148 @@
+"""Mix-of-Show's files: an ED-LoRA run's layer-wise embeddings, and the export to Mix-of-Show's
+own checkpoint layout.
+
+    edlora.safetensors   ``{word: (L, D)}``, one row per UNet cross-attention layer in
+                         Mix-of-Show's order; the header names the words (``words``, JSON list,
+                         their order in the concept) and the layers (``layers``, JSON list of
+                         the attn2 module names, row i = layer i).
+
+    sai-export --format mix-of-show   ``{'params': {'new_concept_embedding': {word: (L, D)},
+                                      'text_encoder': {...}, 'unet': {...}}}``, the layout of
+                                      Mix-of-Show's ``edlora_model-latest.pth``, which its
+                                      inference and gradient fusion read
+
+``edlora.safetensors`` is not a textual-inversion file on purpose: A1111 and diffusers would read an (L, D) tensor
+as L consecutive tokens, so an ED-LoRA run writes no ``embeddings.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from ..errors import UserError
+from ..fsutil import atomic_path
+from .lora_files import atomic_save_tensors, read_embeddings
+from .run_dir import RunDir
+
+EDLORA_FORMAT = "sai-edlora/1"
+
+
+def save_edlora(
+    path: Path,
+    vectors: Mapping[str, torch.Tensor],
+    *,
+    layers: Sequence[str],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``edlora.safetensors``: ``vectors`` ``{word: (L, D)}`` with L = len(layers)."""
+    for word, rows in vectors.items():
+        if rows.dim() != 2 or rows.shape[0] != len(layers):
+            raise ValueError(f"{word}: expected ({len(layers)}, D) rows, got {tuple(rows.shape)}")
+    header = {
+        **(metadata or {}),
+        "format": "pt",
+        "sai_format": EDLORA_FORMAT,
+        "words": json.dumps(list(vectors)),
+        "layers": json.dumps(list(layers)),
+    }
+    tensors = {w: rows.detach().float().cpu().contiguous() for w, rows in vectors.items()}
+    atomic_save_tensors(tensors, Path(path), header)
+    return Path(path)
+
+
+def read_edlora(run_dir: Path) -> tuple[dict[str, torch.Tensor], list[str]] | None:
+    """``({word: (L, D)}, layer names)`` of an ED-LoRA run; None for a plain run.
+
+    Raises:
+        UserError: the file is unreadable or inconsistent.
+    """
+    path = RunDir(run_dir).edlora
+    if not path.is_file():
+        return None
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            words, layers = json.loads(header["words"]), json.loads(header["layers"])
+            vectors = {w: f.get_tensor(w) for w in words}
+    except (safetensors.SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(
+            f"{path} is not a readable ED-LoRA embeddings file ({e}); train the run again or "
+            "restore the file"
+        ) from None
+    bad = [w for w, rows in vectors.items() if tuple(rows.shape[:1]) != (len(layers),)]
+    if bad:
+        raise UserError(f"{path}: {bad[0]!r} does not have one row per layer ({len(layers)})")
+    return vectors, layers
+
+
+# ----------------------------------------------------------------------- Mix-of-Show's .pth
+_LORA_SUFFIXES = {  # ours (lora.safetensors, alpha folded into up) -> Mix-of-Show's
+    "unet": (".lora.down.weight", ".lora.up.weight"),
+    "text_encoder": (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+}
+
+
+def mix_of_show_params(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A finished run as Mix-of-Show's ``params``: ``new_concept_embedding`` ``{word: (L, D)}``
+    and the ``text_encoder`` / ``unet`` LoRA factors under its names
+    (``<module>.lora_down.weight``, ``.lora_up.weight``), the up factors carrying the trained
+    strength, so that Mix-of-Show's merge ``W + alpha * up @ down`` at alpha 1.0 (its fusion
+    configs' ``unet_alpha`` / ``text_encoder_alpha``) is the trained model.
+
+    A plain run's vector is repeated for every cross-attention layer (an ED-LoRA whose rows
+    are equal is exactly the plain model), L counted from the LoRA's attn2 modules.
+
+    Raises:
+        UserError: an unfinished run, unreadable files, or a plain run whose LoRA names no
+            cross-attention module (L unknown).
+    """
+    run = RunDir(run_dir)
+    if not run.lora.is_file():
+        raise UserError(
+            f"{run.lora} not found: {run.path} is not a finished sai-train-lora run; finish it "
+            f"with sai-train-lora --resume {run.path}"
+        )
+    try:
+        lora = safetensors.torch.load_file(run.lora)
+    except (safetensors.SafetensorError, OSError) as e:
+        raise UserError(f"{run.lora} is not readable ({e}); train the run again") from None
+    parts: dict[str, dict[str, torch.Tensor]] = {"text_encoder": {}, "unet": {}}
+    for key, tensor in lora.items():
+        prefix, _, name = key.partition(".")
+        down, up = _LORA_SUFFIXES.get(prefix, ("", ""))
+        if down and name.endswith(down):
+            parts[prefix][name[: -len(down)] + ".lora_down.weight"] = tensor
+        elif up and name.endswith(up):
+            parts[prefix][name[: -len(up)] + ".lora_up.weight"] = tensor
+        else:
+            raise UserError(f"{run.lora}: key {key!r} is not one of this project's LoRA keys")
+    found = read_edlora(run.path)
+    if found is not None:
+        embeddings = found[0]
+    else:
+        attn2 = {k.split(".attn2.")[0] for k in parts["unet"] if ".attn2." in k}
+        if not attn2:
+            raise UserError(
+                f"{run.lora} has no cross-attention (attn2) LoRA, so the number of layer-wise "
+                "embeddings Mix-of-Show expects is unknown; export an ED-LoRA run instead"
+            )
+        vectors = read_embeddings(run.path)
+        embeddings = {w: v.reshape(1, -1).repeat(len(attn2), 1) for w, v in vectors.items()}
+    return {"new_concept_embedding": embeddings, **parts}
+
+
+def export_mix_of_show(run_dir: Path, out: Path) -> Path:
+    """Write ``{'params': mix_of_show_params(run_dir)}`` with torch.save (Mix-of-Show's
+    ``edlora_model-latest.pth`` layout), atomically."""
+    params = mix_of_show_params(run_dir)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        torch.save({"params": params}, tmp)
+    return out
