@@ -305,7 +305,9 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--lora-weight", type=float, default=1.0, help="0 gives the base model")
+    p.add_argument("--lora-weight", type=float, nargs="+", default=[1.0],
+                   help="one grid per weight, e.g. 0 0.7 1.0 as Mix-of-Show compares; 0 gives "
+                   "the base model (an ED-LoRA run keeps its embeddings)")  # fmt: skip
     p.add_argument("--resolution", type=int, help="default: the first run's")
     p.add_argument(
         "--with-base",
@@ -327,29 +329,34 @@ def compare_main(argv: list[str] | None = None) -> int:
 
     runs = [load_run_info(Path(d)) for d in args.runs]
     comparer = Comparer(runs, device=args.device)
-    per_prompt = len(args.seeds) * (len(runs) + int(args.with_base))
+    weights = args.lora_weight
+    per_grid = len(args.seeds) * (len(runs) + int(args.with_base))
     grids = {}
-    with tqdm(total=per_prompt * len(args.prompt), unit="image", dynamic_ncols=True) as bar:
+    total = per_grid * len(args.prompt) * len(weights)
+    with tqdm(total=total, unit="image", dynamic_ncols=True) as bar:
         for prompt in args.prompt:
-            shown = comparer.compare(
-                prompt,
-                args.seeds,
-                steps=args.steps,
-                guidance=args.guidance,
-                negative_prompt=args.negative_prompt,
-                lora_weight=args.lora_weight,
-                resolution=args.resolution,
-                progress=lambda done, total: bar.update(1),
-                with_base=args.with_base,
-            )
-            grids[prompt] = shown.grid
+            for weight in weights:
+                title = prompt if len(weights) == 1 else f"{prompt} (LoRA weight {weight:g})"
+                shown = comparer.compare(
+                    prompt,
+                    args.seeds,
+                    title=title,
+                    steps=args.steps,
+                    guidance=args.guidance,
+                    negative_prompt=args.negative_prompt,
+                    lora_weight=weight,
+                    resolution=args.resolution,
+                    progress=lambda done, total: bar.update(1),
+                    with_base=args.with_base,
+                )
+                grids[title] = shown.grid
     settings = {
         "seeds": args.seeds,
         "sampler": SCHEDULER,
         "steps": args.steps,
         "guidance": args.guidance,
         "negative prompt": args.negative_prompt,
-        "LoRA weight": args.lora_weight,
+        "LoRA weight": ", ".join(f"{w:g}" for w in weights),
         "resolution": args.resolution or comparer.runs[0].resolution,
         "base row": "base model without LoRA, {token} read as the class word"
         if args.with_base

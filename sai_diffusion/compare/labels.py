@@ -20,8 +20,9 @@ def distinct(labels: Mapping[str, str], sep: str) -> dict[str, str]:
 
 
 def short_label(info: RunInfo) -> str:
-    """``sgd-sai, lr 0.05, 500 steps``."""
-    return f"{info.optimizer}, lr {info.lr:g}, {info.steps} steps"
+    """``sgd-sai, lr 0.05, 500 steps`` (``, ED-LoRA`` for layer-wise embeddings)."""
+    label = f"{info.optimizer}, lr {info.lr:g}, {info.steps} steps"
+    return f"{label}, ED-LoRA" if info.edlora else label
 
 
 def row_labels(runs: Sequence[RunInfo], *, with_base: bool = False) -> dict[str, str]:
@@ -40,6 +41,7 @@ def row_labels(runs: Sequence[RunInfo], *, with_base: bool = False) -> dict[str,
 def run_label(info: RunInfo) -> str:
     """``potter · sgd-sai lr=0.1 · 1750 steps`` (``· unfinished`` when it has no LoRA yet)."""
     label = f"{info.concept} · {info.optimizer} lr={info.lr:g} · {info.steps} steps"
+    label += " · ED-LoRA" if info.edlora else ""
     return label if info.has_lora else f"{label} · unfinished"
 
 

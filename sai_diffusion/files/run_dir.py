@@ -335,6 +335,7 @@ class RunInfo:
     scores: dict[str, Any] | None  # eval.json, when sai-eval has scored the run
     has_lora: bool  # False: an unfinished run
     class_word: str = ""
+    edlora: bool = False  # layer-wise embeddings (edlora.safetensors)
 
     @property
     def files(self) -> RunDir:
@@ -373,6 +374,7 @@ def load_run_info(run_dir: str | os.PathLike[str]) -> RunInfo:
         scores=run.read_scores(),
         has_lora=run.is_finished,
         class_word=concept.class_text,
+        edlora=cfg.edlora,
     )
 
 

@@ -57,3 +57,13 @@ def test_row_labels_name_the_concept_when_mixed_and_the_run_when_equal():
                      "c": "hermione\nsgd-sai\nlr 0.01\n1750 steps"}  # fmt: skip
     assert distinct({"x": "same", "y": "same", "z": "own"}, " / ") == {
         "x": "same / x", "y": "same / y", "z": "own"}  # fmt: skip
+
+
+def test_an_edlora_run_says_so_where_it_is_picked_and_drawn():
+    plain, layered = _info("/r/potter/a"), _info("/r/potter/b")
+    layered.edlora = True
+    labels = run_labels({"potter/a": plain, "potter/b": layered})
+    assert labels == {"potter/a": "potter · sgd-sai lr=0.1 · 1750 steps",
+                      "potter/b": "potter · sgd-sai lr=0.1 · 1750 steps · ED-LoRA"}  # fmt: skip
+    assert row_labels([plain, layered]) == {"a": "sgd-sai\nlr 0.1\n1750 steps",
+                                            "b": "sgd-sai\nlr 0.1\n1750 steps\nED-LoRA"}  # fmt: skip
