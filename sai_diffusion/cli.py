@@ -376,27 +376,68 @@ def compare_entry() -> None:
 def eval_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="sai-eval",
-        description="Score runs of a miniature-world concept with the judge: prints one JSON "
-        "line per run (concept_fidelity, prompt_fidelity and the base model's) and writes "
-        f"RUN_DIR/{EVAL_FILE}.",
+        description="Score runs: CLIP text alignment (clip_t, and Mix-of-Show's 2.5 * max(cos, "
+        "0) as clip_t_mos), CLIP and DINO image alignment with the training images (clip_i, "
+        "dino), each beside the base model's (base_*); runs of the miniature world also get "
+        "the judge's concept_fidelity and prompt_fidelity (CLIP figures only with "
+        "--clip-model). Prints one JSON line per run, writes RUN_DIR/"
+        f"{EVAL_FILE} and keeps the scored images in RUN_DIR/eval/.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders of sai-train-lora")
+    p.add_argument("--clip-model", help="hub id or folder of a transformers CLIP model "
+                   "(default for non-miniature concepts: openai/clip-vit-base-patch32)")  # fmt: skip
+    p.add_argument("--dino-model", help="hub id or folder of a DINO ViT (default with CLIP: "
+                   "facebook/dino-vits16; 'none' skips DINO)")  # fmt: skip
+    p.add_argument("--prompts", help="a file of prompts with {token}, one per line, or a shipped "
+                   "set: person, object, style (default: the concept's)")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", help="default: the concept's evaluation seeds")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the concept's, or 20)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the concept's, or 6)")
     p.add_argument("--no-base", action="store_true", help="skip the base model's scores")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     args = p.parse_args(argv)
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        raise UserError(f"--steps must be in [1, 1000], got {args.steps}")
+    runs = {}
     for run_dir in args.run_dirs:  # before torch loads: a typo answers at once
-        RunDir(run_dir).read_config()
+        _, concept, _ = RunDir(run_dir).read_config()
+        runs[run_dir] = concept
+    if args.prompts is not None:
+        from .evaluation.runs import read_prompts  # no torch: checked before any model loads
+
+        read_prompts(args.prompts)
+    from .evaluation.alignment import DEFAULT_CLIP, DEFAULT_DINO, AlignmentModels
+    from .evaluation.runs import evaluate_alignment
     from .miniature.evaluate import evaluate_run, headline
 
+    judged = {d: bool(c.evaluation and c.evaluation.get("object")) for d, c in runs.items()}
+    models = None
+    if args.clip_model or not all(judged.values()):
+        dino = args.dino_model or DEFAULT_DINO
+        models = AlignmentModels.load(args.clip_model or DEFAULT_CLIP,
+                                      None if dino.lower() == "none" else dino)  # fmt: skip
     base_cache: dict = {}  # runs on one base model share its images
     for run_dir in args.run_dirs:
-        report = evaluate_run(
-            Path(run_dir), seeds=args.seeds, with_base=not args.no_base, device=args.device,
-            base_cache=base_cache,
+        if judged[run_dir] and args.prompts is None:
+            report = evaluate_run(
+                Path(run_dir), seeds=args.seeds, with_base=not args.no_base, device=args.device,
+                base_cache=base_cache, alignment=models,
+            )  # fmt: skip
+            print(json.dumps(headline(report)), flush=True)
+            continue
+        report = evaluate_alignment(
+            Path(run_dir), models, prompts=args.prompts, seeds=args.seeds, steps=args.steps,
+            guidance=args.guidance, with_base=not args.no_base, device=args.device,
         )  # fmt: skip
-        print(json.dumps(headline(report)), flush=True)
+        line = {"run": report["run"], "concept": report["concept"]}
+        print(json.dumps({**line, **_alignment_line(report)}), flush=True)
     return 0
+
+
+def _alignment_line(report: dict) -> dict:
+    from .evaluation.runs import headline
+
+    return {**headline(report), "images": report["images"]}
 
 
 def eval_entry() -> None:

@@ -190,10 +190,13 @@ class TrainConfig:
         ``embeddings``. A setting (lr_text_encoder, lr_embeddings) wins, then the concept's
         per-optimizer mapping (``lr: {scaled-adamw: {unet: 1e-4, text_encoder: 1e-5}}``),
         then the defaults: the text encoder at lr / 10 (Mix-of-Show's 1e-5 against 1e-4),
-        the embeddings at lr."""
+        the embeddings at lr. With --lr and a mapping, every group of the mapping is scaled by
+        lr / its unet entry: the ratios between the groups stay."""
         lr = self.resolved_lr(concept)
         given = concept.lr.get(self.optimizer)
-        given = given if isinstance(given, dict) else {}
+        given = dict(given) if isinstance(given, dict) else {}
+        if given and self.lr is not None:  # --lr moves the mapping's groups with it
+            given = {k: v * self.lr / given["unet"] for k, v in given.items()}
         text_encoder = self.lr_text_encoder or given.get("text_encoder") or lr / 10
         embeddings = self.lr_embeddings or given.get("embeddings") or lr
         return {"unet": lr, "text_encoder": float(text_encoder), "embeddings": float(embeddings)}

@@ -28,7 +28,7 @@ END_MARK = "<!-- imports: end -->"
 # resolver (models.base) may import the miniature package for the one name "miniature".
 LAYERS = [
     ["core"], ["optim"], ["config"], ["files"], ["models"], ["training", "compare"],
-    ["miniature"], ["cli", "app"],
+    ["evaluation"], ["miniature"], ["cli", "app"],
 ]  # fmt: skip
 ALLOWED_UPWARD = {("sai_diffusion.models.base", "sai_diffusion.miniature")}
 
@@ -46,6 +46,7 @@ PARTS = {
     "models": ["sai_diffusion.models"],
     "training": ["sai_diffusion.training"],
     "compare": ["sai_diffusion.compare"],
+    "evaluation": ["sai_diffusion.evaluation"],
     "miniature": ["sai_diffusion.miniature"],
     "cli": ["sai_diffusion.cli"],
     "app": ["app"],

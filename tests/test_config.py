@@ -136,6 +136,9 @@ def test_group_lrs_per_optimizer_and_their_precedence(tmp_path):
     cfg, c = config.resolve(str(path), {"optimizer": "adamw", "lr": 1e-3},
                             ["lr_text_encoder=5e-6"])  # fmt: skip
     assert cfg.group_lrs(c) == {"unet": 1e-3, "text_encoder": 5e-6, "embeddings": 1e-3}
+    cfg, c = config.resolve(str(path), {"optimizer": "adamw", "lr": 1e-3}, [])
+    lrs = cfg.group_lrs(c)  # --lr moves the mapping's groups with it, ratios kept
+    assert lrs == pytest.approx({"unet": 1e-3, "text_encoder": 1.5e-4, "embeddings": 1e-3})
     cfg, c = config.resolve(str(path), {}, [])  # a number: text encoder at lr / 10
     assert cfg.group_lrs(c) == {"unet": 0.2, "text_encoder": 0.02, "embeddings": 0.2}
     for bad, says in (("{adamw: {text_encoder: 1.0e-5}}", "needs a unet entry"),

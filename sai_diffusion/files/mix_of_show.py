@@ -18,6 +18,7 @@ as L consecutive tokens, so an ED-LoRA run writes no ``embeddings.safetensors``.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -139,8 +140,17 @@ def mix_of_show_params(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def export_mix_of_show(run_dir: Path, out: Path) -> Path:
     """Write ``{'params': mix_of_show_params(run_dir)}`` with torch.save (Mix-of-Show's
-    ``edlora_model-latest.pth`` layout), atomically."""
+    ``edlora_model-latest.pth`` layout), atomically. Mix-of-Show's loaders assume SD 1.5's 16
+    cross-attention layers and words written ``<...>``: a run of another shape is written all
+    the same (for other readers) with a warning on stderr."""
     params = mix_of_show_params(run_dir)
+    for word, rows in params["new_concept_embedding"].items():
+        if rows.shape[0] != 16 or not (word.startswith("<") and word.endswith(">")):
+            print(
+                f"warning: {word!r} has {rows.shape[0]} layer rows; Mix-of-Show's loaders read "
+                "16 per word (SD 1.5) and words written <...>",
+                file=sys.stderr,
+            )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:

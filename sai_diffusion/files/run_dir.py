@@ -10,6 +10,8 @@
                                 (instead of embeddings.safetensors)
       gsnr.json                 SGD-SaI's g-SNR and scale         write_gsnr, read_gsnr
       eval.json                 sai-eval's scores                 write_scores, read_scores
+      eval/                     the images sai-eval scored:       RunDir.eval_images
+                                pNN-sS.png, base/pNN-sS.png
       samples/<tag>/            pNN-sS.png (prompt NN, seed S)    sample_name, read_samples
                                 and prompts.txt
       checkpoints/step-NNNNNN/  trainable.safetensors,            RunDir.checkpoint, Checkpoint
@@ -47,6 +49,7 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 EDLORA_FILE = "edlora.safetensors"
 GSNR_FILE = "gsnr.json"
 EVAL_FILE = "eval.json"
+EVAL_DIR = "eval"  # the images sai-eval scored; the base model's in eval/base
 SAMPLES_DIR = "samples"
 FINAL_SAMPLES = "final"  # samples/final: drawn when training ends
 CHECKPOINTS_DIR = "checkpoints"
@@ -142,6 +145,10 @@ class RunDir:
     def scores(self) -> Path:  # eval.json
         """sai-eval's report."""
         return self.path / EVAL_FILE
+
+    def eval_images(self, *, base: bool = False) -> Path:
+        """``eval/`` (the run's images that sai-eval scored) or ``eval/base``."""
+        return self.path / EVAL_DIR / ("base" if base else "")
 
     @property
     def tensorboard(self) -> Path:

@@ -30,6 +30,9 @@ from PIL import Image
 
 from ..compare.comparer import Comparer
 from ..errors import UserError
+from ..evaluation.alignment import AlignmentModels
+from ..evaluation.runs import alignment_scores, keep_images, training_images
+from ..evaluation.runs import headline as alignment_headline
 from ..files.run_dir import RunDir, load_run_info
 from ..models.sampling import SCHEDULER, SampleSettings, generate_batch
 from . import world
@@ -49,6 +52,7 @@ def evaluate_run(
     device: str | None = None,
     write: bool = True,
     base_cache: dict | None = None,
+    alignment: AlignmentModels | None = None,
 ) -> dict[str, Any]:
     """Score one finished run (see the module docstring); ``seeds`` default to the concept's.
 
@@ -104,6 +108,9 @@ def evaluate_run(
         base_cache[base_key] = [base_images for _, _, base_images in rows]
 
     report = score_images(judge, obj, rows)
+    if alignment is not None:  # the same images, kept and scored by CLIP / DINO too
+        kept = keep_images(info.files, rows, seeds)
+        report |= alignment_scores(alignment, kept, training_images(concept, run), obj)
     report = {
         "run": str(run_dir),
         "concept": concept.name,
@@ -172,6 +179,6 @@ def _share(part: int, whole: int) -> float:
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:
-    """The one-line summary ``sai-eval`` prints."""
+    """The one-line summary ``sai-eval`` prints (with CLIP / DINO figures when scored)."""
     keys = ("run", "concept", "object", *HEADLINE, "images")
-    return {k: report.get(k) for k in keys}
+    return {**{k: report.get(k) for k in keys}, **alignment_headline(report)}

@@ -22,6 +22,7 @@ run, sampling reads them to decide how to encode a prompt.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -105,7 +106,8 @@ class LayerwiseAttnProcessor:
             encoder_hidden_states = self.select(encoder_hidden_states)
         if self.record is not None and encoder_hidden_states is not None:
             return self._recorded(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                          *args, **kwargs)  # fmt: skip
 
     def _recorded(self, attn, hidden_states, context, attention_mask, temb) -> torch.Tensor:
         """diffusers' AttnProcessor (explicit softmax), keeping the probabilities."""
@@ -164,14 +166,17 @@ class LayerWords:
     tokens: Mapping[str, Sequence[str]]
     layers: int
 
+    def _pattern(self) -> re.Pattern:
+        # one pass, longest word first: "sks" must not rewrite "sksdog" or its layer token
+        words = sorted(self.tokens, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, words)))
+
     def bind(self, prompt: str, layer: int) -> str:
         """``prompt`` as layer ``layer`` reads it: each word replaced by its layer token."""
-        for word in sorted(self.tokens, key=len, reverse=True):  # <V1> must not eat <V10>
-            prompt = prompt.replace(word, self.tokens[word][layer])
-        return prompt
+        return self._pattern().sub(lambda m: self.tokens[m[0]][layer], prompt)
 
     def uses(self, prompt: str) -> bool:
-        return any(word in prompt for word in self.tokens)
+        return self._pattern().search(prompt) is not None
 
 
 def set_layer_words(unet: nn.Module, words: LayerWords | None) -> None:

@@ -492,6 +492,7 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
         indices.append(int(perm[pos]))
         # drawn on both paths so the noise that follows is the same with or without the cache
         flips.append(bool(torch.rand((), generator=gen) < cfg.random_flip))
+    valid = None  # resize-crop-pad's pasted area (no cache: config refuses the pair)
     if "latents" in run.cache:
         means, stds, masks = run.cache["latents"]
         sel = torch.tensor(indices)
@@ -531,7 +532,7 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
         "timesteps": timesteps,
         "mask": mask,
         # the pasted area of resize-crop-pad, the loss's mask when use_masks is false
-        "valid": valid if cfg.augmentation != "crop" else None,
+        "valid": None if cfg.augmentation == "crop" else valid,
         "captions": captions,
     }
 

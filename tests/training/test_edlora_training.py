@@ -22,7 +22,7 @@ from sai_diffusion import cli, config
 from sai_diffusion.files.mix_of_show import mix_of_show_params, read_edlora
 from sai_diffusion.files.run_dir import RunDir
 from sai_diffusion.models import edlora
-from sai_diffusion.models.tokens import tokenize
+from sai_diffusion.models.tokens import add_concept_tokens, tokenize
 from sai_diffusion.training import recipe
 from sai_diffusion.training.attention import attention_penalty, word_positions
 from tests.helpers import load_pipe, make_concept, run_train
@@ -90,22 +90,22 @@ def test_an_edlora_run_trains_layer_wise_rows_and_writes_edlora_safetensors(
 def test_the_norm_threshold_stops_the_rows_at_the_step_they_reach_it(
     concept, tiny_pipeline_dir, tmp_path
 ):
-    args = _args(concept, tiny_pipeline_dir, tmp_path / "run", "--max-steps", "4",
-                 "--lr", "1.0", "--set", "embeddings_max_norm=1e-6", "--set", "log_every=1")  # fmt: skip
-    assert cli.train_main(args) == 0
-    first = read_edlora(tmp_path / "run")[0]
-    # reached after the first step: a 1-step run holds the same rows
-    args = _args(concept, tiny_pipeline_dir, tmp_path / "one", "--max-steps", "1",
-                 "--lr", "1.0", "--set", "embeddings_max_norm=1e-6")  # fmt: skip
-    assert cli.train_main(args) == 0
-    one = read_edlora(tmp_path / "one")[0]
-    for word in first:
-        assert torch.equal(first[word], one[word])
+    def train(name: str, steps: int, limit: float) -> dict:
+        args = _args(concept, tiny_pipeline_dir, tmp_path / name, "--max-steps", str(steps),
+                     "--lr", "1.0", "--set", f"embeddings_max_norm={limit}")  # fmt: skip
+        assert cli.train_main(args) == 0
+        return read_edlora(tmp_path / name)[0]
+
+    free = [train(f"free{n}", n, 0.0) for n in (1, 2)]  # no limit: the rows after steps 1, 2
+    norms = [torch.cat(list(f.values())).norm(dim=-1).mean().item() for f in free]
+    assert norms[0] < norms[1], "the rows' mean norm should grow over the first steps"
+    stopped = train("stopped", 4, (norms[0] + norms[1]) / 2)  # reached at step 2, not 1
+    for word in stopped:
+        assert torch.equal(stopped[word], free[1][word])  # kept as they were after step 2
+        assert not torch.equal(stopped[word], free[0][word])  # they trained until then
     # while the LoRA went on training
-    a, b = (
-        load_file(tmp_path / "run" / "lora.safetensors"),
-        load_file(tmp_path / "one" / "lora.safetensors"),
-    )
+    a = load_file(tmp_path / "stopped" / "lora.safetensors")
+    b = load_file(tmp_path / "free2" / "lora.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
@@ -151,11 +151,6 @@ def test_sai_sample_on_an_edlora_run_is_deterministic_per_seed(edlora_run, tmp_p
 
     first, again = sample(tmp_path / "a"), sample(tmp_path / "b")
     assert first == again and first[0] != first[1]
-    # and the layer-wise words matter: weight 0 keeps the embeddings, the base model differs
-    plain = tmp_path / "plain"
-    cli.sample_main(["--run", str(edlora_run), "--prompt", "a pencil sketch of dog",
-                     "--seed", "1", "--steps", "3", "--out", str(plain)])  # fmt: skip
-    assert (plain / "p00-s1.png").read_bytes() != first[0]
 
 
 def _mix_of_show_merge(pipe, params: dict, alpha: float) -> set[str]:
@@ -267,7 +262,7 @@ def test_word_positions_find_each_words_first_token():
 
 
 def test_edlora_on_a_base_model_without_cross_attention_exits_2(
-    concept, tiny_pipeline_dir, tmp_path
+    concept, tiny_pipeline_dir, tmp_path, capsys
 ):
     base = tmp_path / "nocross"
     shutil.copytree(tiny_pipeline_dir, base)
@@ -284,17 +279,48 @@ def test_edlora_on_a_base_model_without_cross_attention_exits_2(
     code = cli._run(cli.train_main, ["--concept", str(concept), "--base-model", str(base),
                                      "--output-dir", str(out), *FAST, "--set", "edlora=true"])  # fmt: skip
     assert code == 2 and not out.exists()
+    assert "edlora=true needs a UNet with cross-attention" in capsys.readouterr().err
 
 
 def test_captions_and_prompts_read_both_words(concept, tiny_pipeline_dir):
     _, c = config.resolve(str(concept), {}, [])
     assert c.text == "<Vt1> <Vt2>"
     pipe = load_pipe(tiny_pipeline_dir)
-    words = edlora.LayerWords({w: edlora.layer_tokens(w, 3) for w in c.words}, 3)
-    bound = words.bind(c.prompts()[1], 2)
-    assert bound == "a pencil sketch of <Vt1>@2 <Vt2>@2"
-    ids = tokenize(pipe.tokenizer, [bound])
-    assert ids.shape == (1, 77)
+    layers = 12  # layer tokens of two digits must not be read as one digit and a rest
+    pipe.tokenizer.add_tokens(c.words)
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+    edlora.add_layerwise_tokens(pipe.tokenizer, pipe.text_encoder, c.words, layers)
+    words = edlora.LayerWords({w: edlora.layer_tokens(w, layers) for w in c.words}, layers)
+    bound = words.bind(c.prompts()[1], 11)
+    assert bound == "a pencil sketch of <Vt1>@11 <Vt2>@11"
+    ids = tokenize(pipe.tokenizer, [bound])[0].tolist()
+    want = pipe.tokenizer.convert_tokens_to_ids(["<Vt1>@11", "<Vt2>@11"])
+    assert [i for i in ids if i in want] == want  # each one token, in order
+    # a word inside another is never rewritten
+    nested = edlora.LayerWords({"sks": ["sks@0"], "sksdog": ["sksdog@0"]}, 1)
+    assert nested.bind("a sks and a sksdog", 0) == "a sks@0 and a sksdog@0"
+
+
+def test_a_batch_of_prompts_is_encoded_as_each_alone(tiny_pipeline_dir):
+    pipe = load_pipe(tiny_pipeline_dir)
+    words_list = ["<Vp1>", "<Vp2>"]
+    add_concept_tokens(pipe.tokenizer, pipe.text_encoder, words_list,
+                       init_word=["<rand-0.1>", "dog"], generator=torch.Generator().manual_seed(0))  # fmt: skip
+    layers = len(edlora.install_processors(pipe.unet, 77))
+    edlora.add_layerwise_tokens(pipe.tokenizer, pipe.text_encoder, words_list, layers)
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():  # make the layers' rows differ
+        for i in range(layers):
+            weight[pipe.tokenizer.convert_tokens_to_ids(f"<Vp2>@{i}")] += 0.1 * i
+    words = edlora.LayerWords({w: edlora.layer_tokens(w, layers) for w in words_list}, layers)
+    prompts = ["a photo of <Vp1> <Vp2>", "a pencil sketch of <Vp2> on grass"]
+    with torch.no_grad():
+        both = edlora.encode_layerwise(pipe.tokenizer, pipe.text_encoder, prompts, words,
+                                       device="cpu")  # fmt: skip
+        for b, prompt in enumerate(prompts):
+            alone = edlora.encode_layerwise(pipe.tokenizer, pipe.text_encoder, [prompt], words,
+                                            device="cpu")  # fmt: skip
+            torch.testing.assert_close(both[b : b + 1], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_the_comparer_draws_an_edlora_run_beside_a_plain_one_as_each_alone(
@@ -328,7 +354,7 @@ def _pixels(image) -> bytes:
 
 
 def test_sai_compare_draws_one_grid_per_lora_weight_and_weight_0_keeps_the_embeddings(
-    edlora_run, tmp_path
+    edlora_run, tiny_pipeline_dir, tmp_path
 ):
     from sai_diffusion.compare import Comparer, load_run_info
 
@@ -340,11 +366,27 @@ def test_sai_compare_draws_one_grid_per_lora_weight_and_weight_0_keeps_the_embed
     report = out.with_suffix(".html").read_text()
     for weight in ("0", "0.7", "1"):
         assert f"a pencil sketch of {{token}} (LoRA weight {weight})" in report
+    from sai_diffusion.files.lora_files import load_lora_into
+    from sai_diffusion.models.sampling import SampleSettings, generate, sampling_pipeline
+
     one = Comparer([load_run_info(edlora_run)], device="cpu")
     rows = one.generate("a pencil sketch of {token}", [1], steps=2, resolution=64,
-                        lora_weight=0.0, with_base=True)  # fmt: skip
-    # weight 0: no LoRA, but the layer-wise words are still read (the base row reads "dog")
-    assert _pixels(rows["run"][0]) != _pixels(rows["base"][0])
+                        lora_weight=0.0)  # fmt: skip
+    settings = SampleSettings(steps=2, guidance_scale=7.5, height=64, width=64)
+
+    images = {}
+    for layerwise in (True, False):
+        pipe = load_pipe(tiny_pipeline_dir)
+        if layerwise:
+            edlora.load_layerwise(pipe, edlora_run)
+        else:  # the words' own rows only: what a loader ignoring edlora.safetensors gives
+            pipe.tokenizer.add_tokens(["<Vt1>", "<Vt2>"])
+            pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+        load_lora_into(pipe, edlora_run, weight=0.0)
+        images[layerwise] = generate(sampling_pipeline(pipe), "a pencil sketch of <Vt1> <Vt2>",
+                                     1, settings)  # fmt: skip
+    # weight 0: no LoRA, the layer-wise embeddings still read
+    assert _pixels(rows["run"][0]) == _pixels(images[True]) != _pixels(images[False])
 
 
 def test_the_files_of_an_edlora_run_give_the_model_it_trained(concept, tiny_pipeline_dir, tmp_path):
