@@ -42,7 +42,14 @@ from sai_diffusion.fsutil import atomic_path
 from sai_diffusion.optim import OPTIMIZERS
 
 from .training import TRAIN_FIELDS, TrainingJob, shown_command, train_args
-from .views import COST_HEADERS, cost_table, gsnr_figure, loss_figure, sample_gallery
+from .views import (
+    COST_HEADERS,
+    alignment_figure,
+    cost_table,
+    gsnr_figure,
+    loss_figure,
+    sample_gallery,
+)
 
 log = logging.getLogger("sai_app")
 
@@ -266,6 +273,7 @@ class CompareApp:
             loss_figure(index, keys, labels, smoothing),
             gsnr_figure(index, keys, labels),
             cost_table(index, keys, labels),
+            alignment_figure(index, keys, labels),
             sample_gallery(index, keys, labels),
         )
 
@@ -347,6 +355,14 @@ class CompareApp:
         return f"Stopped; continue it with sai-train-lora --resume {self.training.run_dir}"
 
 
+def newest_group(index: dict[str, RunInfo], groups: dict[str, list[str]]) -> str | None:
+    """The group (concept and base model) of the most recently started run."""
+    if not groups:
+        return None
+    started = {k: _mtime(info.files.run_yaml) for k, info in index.items()}
+    return max(groups, key=lambda g: max(started[k] for k in groups[g]))
+
+
 def _quoted(keys: list[str]) -> str:
     return ", ".join(f"'{k}'" for k in keys)
 
@@ -378,7 +394,9 @@ def build_app(
     app = CompareApp(runs_dir, device=device)
     index = app.index()
     groups = group_runs(index)
-    first_group = next(iter(groups), ALL_RUNS)
+    # ready to compare: the newest concept's finished runs (their first prompt follows)
+    first_group = newest_group(index, groups) or ALL_RUNS
+    chosen = [k for k in groups.get(first_group, []) if index[k].has_lora]
 
     with gr.Blocks(title="sai-diffusion: side by side", analytics_enabled=False) as demo:
         gr.Markdown("## sai-diffusion · side by side")
@@ -393,7 +411,7 @@ def build_app(
             labels = run_labels(index)
             runs = gr.Dropdown(
                 choices=[(labels[k], k) for k in groups.get(first_group, list(index))],
-                value=[],
+                value=chosen,
                 multiselect=True,
                 allow_custom_value=True,  # the API may name runs made after start; checked
                 label="Runs",
@@ -453,6 +471,10 @@ def build_app(
                 f"columns come from `{EVAL_FILE}` when the run has been scored.",
                 elem_classes="sai-note",
             )
+            alignment_plot = gr.Plot(
+                label="Concept against prompt (sai-eval --clip-model: CLIP-I against CLIP-T)",
+                elem_id="alignment-plot",
+            )
             gsnr_plot = gr.Plot(
                 label=f"SGD-SaI g-SNR scale per block ({GSNR_FILE})", elem_id="gsnr-plot"
             )
@@ -469,7 +491,7 @@ def build_app(
 
         # -- events
         picked = [runs, prompt, smoothing]
-        views = [prompt, loss_plot, gsnr_plot, table, samples]
+        views = [prompt, loss_plot, gsnr_plot, table, alignment_plot, samples]
         for trigger in (demo.load, rescan.click):
             trigger(app.scan, [group, runs], [group, runs, status], api_visibility="private").then(
                 app.show_runs, picked, views, api_visibility="private"

@@ -122,14 +122,57 @@ COST_HEADERS = [
     "final loss (EMA 0.9)",
 ]
 
+# sai-eval's figures (eval.json) in words people read; others shown with spaces for "_"
+SCORE_NAMES = {
+    "concept_fidelity": "concept fidelity",
+    "prompt_fidelity": "prompt fidelity",
+    "clip_t": "text alignment (CLIP-T)",
+    "clip_t_mos": "CLIP-T, Mix-of-Show scale",
+    "clip_i": "image alignment (CLIP-I)",
+    "dino": "image alignment (DINO)",
+}
+
+
+def score_name(key: str) -> str:
+    if key.startswith("base_"):
+        return f"base model: {score_name(key[5:])}"
+    return SCORE_NAMES.get(key, key.replace("_", " "))
+
+
+def alignment_figure(
+    index: dict[str, RunInfo], keys: list[str], labels: dict[str, str]
+) -> Figure | None:
+    """The trade-off of the field: image alignment (CLIP-I) against text alignment (CLIP-T),
+    one point per scored run, labelled by optimizer and lr; the base model's point, where
+    scored, in grey. None when no chosen run has CLIP figures in its eval.json."""
+    points = [(k, index[k].scores) for k in keys if "clip_i" in (index[k].scores or {})]
+    if not points:
+        return None
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (key, scores) in enumerate(points):
+        info = index[key]
+        ax.scatter(scores["clip_t"], scores["clip_i"], color=f"C{i % 10}", s=40, zorder=3)
+        ax.annotate(f"{info.optimizer}, lr {info.lr:g}", (scores["clip_t"], scores["clip_i"]),
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)  # fmt: skip
+        if "base_clip_i" in scores:
+            ax.scatter(scores["base_clip_t"], scores["base_clip_i"], color="0.6", marker="x")
+    if any("base_clip_i" in s for _, s in points):
+        ax.scatter([], [], color="0.6", marker="x", label="base model (class word)")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("text alignment (CLIP-T): follows the prompt")
+    ax.set_ylabel("image alignment (CLIP-I): looks like the concept")
+    ax.set_title("Concept against prompt: up and right is better", fontsize=10)
+    ax.grid(alpha=0.3)
+    return fig
+
 
 def cost_table(index: dict[str, RunInfo], keys: list[str], labels: dict[str, str]):
     """One row per run (its label names optimizer, lr and steps): median step time, peak
     memory, optimizer state (measured in the last checkpoint, or estimated), smoothed final
     loss, and every sai-eval score."""
-    scores = {  # sai-eval's "settings" (seeds, steps, ...) describe the scores; not shown
-        k: _flat({n: v for n, v in (index[k].scores or {}).items() if n != "settings"})
-        for k in keys
+    scores = {  # sai-eval's headline figures; its settings and per-prompt detail stay in the file
+        k: {n: v for n, v in (index[k].scores or {}).items() if _is_number(v)} for k in keys
     }
     score_keys = sorted({s for flat in scores.values() for s in flat})
     rows = []
@@ -151,18 +194,11 @@ def cost_table(index: dict[str, RunInfo], keys: list[str], labels: dict[str, str
                 *(_num(scores[key].get(s), ".4g") for s in score_keys),
             ]
         )
-    return gr.Dataframe(value=rows, headers=COST_HEADERS + score_keys)
+    return gr.Dataframe(value=rows, headers=COST_HEADERS + [score_name(s) for s in score_keys])
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested eval.json scores -> ``{"clip.text": 0.31}``; non-numbers are left out."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif isinstance(v, int | float) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = v
-    return out
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _num(value: float | None, spec: str) -> str:

@@ -1,7 +1,13 @@
-"""The paper's robustness experiment in miniature: concept and prompt fidelity over an lr grid.
+"""The paper's robustness experiment (its Table 2): every metric's Peak and Avg over an lr grid.
 
     python scripts/bench_quality.py                      # 4 optimizers x 5 lrs x 3 seeds
     python scripts/bench_quality.py --lrs 1e-2,1e-1 --seeds 0 --optimizers sgd-sai  # a slice
+    python scripts/bench_quality.py --concept potter --base-model chilloutmix.safetensors \
+        --clip-model openai/clip-vit-base-patch32 --dino-model facebook/dino-vits16  # a GPU's job
+
+A concept of the miniature world is scored by the judge (concept_fidelity, prompt_fidelity;
+with --clip-model, also CLIP-T, CLIP-I and DINO); any other concept by CLIP-T, CLIP-I and DINO
+(``sai-eval``'s figures, ``sai_diffusion.evaluation``).
 
 Every (optimizer, lr, seed) trains the demo concept (configs/concepts/demo.yaml, on the
 built-in miniature model) with its shipped settings, only the optimizer, lr and seed changed,
@@ -37,7 +43,24 @@ from sai_diffusion.miniature.concept import judged_object
 from sai_diffusion.optim import OPTIMIZERS
 
 DEFAULT_OPTIMIZERS = tuple(o for o in OPTIMIZERS if o != "scaled-sgd")  # the paper's four
-METRICS = ("concept_fidelity", "prompt_fidelity")
+JUDGE_METRICS = ("concept_fidelity", "prompt_fidelity")
+SHORT = {"concept_fidelity": "concept", "prompt_fidelity": "prompt", "clip_t": "CLIP-T",
+         "clip_i": "CLIP-I", "dino": "DINO"}  # fmt: skip
+
+
+def metrics_of(args) -> tuple[str, ...]:
+    """The judge's figures for a miniature-world concept, CLIP's (and DINO's) when asked."""
+    clip = ("clip_t", "clip_i") if args.clip_model else ()
+    dino = ("dino",) if args.clip_model and (args.dino_model or "").lower() != "none" else ()
+    return (*(JUDGE_METRICS if args.judged else ()), *clip, *dino)
+
+
+def scorer_of(args) -> dict | None:
+    if not args.clip_model:
+        return None
+    dino = args.dino_model or "facebook/dino-vits16"
+    return {"clip": args.clip_model, "dino": None if dino.lower() == "none" else dino,
+            "prompts": args.prompts}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="default: the concept's max_steps")
     p.add_argument("--eval-seeds", default=None, help="default: the concept's evaluation seeds")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--base-model", help="default: the concept's (the miniature for demo)")
+    p.add_argument("--clip-model", help="CLIP hub id or folder: adds CLIP-T / CLIP-I")
+    p.add_argument("--dino-model", help="DINO hub id or folder (default with --clip-model: "
+                   "facebook/dino-vits16; 'none': skip)")  # fmt: skip
+    p.add_argument("--prompts", help="sai-eval --prompts: a file or person / object / style")
     p.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
                    help="a training setting for every run, e.g. --set edlora=true")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("bench/quality"))
@@ -60,7 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     optimizers = args.optimizers.split(",")
     try:  # before any run: a sweep must not train for an hour and then fail on its settings
-        judged_object(config.load_concept(args.concept))
+        concept = config.load_concept(args.concept)
+        args.judged = bool(concept.evaluation and concept.evaluation.get("object"))
+        if args.judged:
+            judged_object(concept)
+        elif not args.clip_model:
+            raise UserError(
+                f"{concept.path} is not a concept of the miniature world (no evaluation section "
+                "naming a world object): give --clip-model (and --base-model) to score it "
+                "with CLIP-T, CLIP-I and DINO"
+            )
         config.resolve(args.concept, {}, args.set_items)  # the settings, checked once
         unknown = [o for o in optimizers if o not in OPTIMIZERS]
         if unknown:
@@ -81,23 +118,26 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers, initializer=_one_thread) as pool:
         futures = [pool.submit(train_and_score, args.concept, *job, args.steps, args.out,
-                               eval_seeds, args.set_items) for job in jobs]  # fmt: skip
+                               eval_seeds, args.set_items, args.base_model, scorer_of(args),
+                               metrics_of(args)) for job in jobs]  # fmt: skip
         for i, future in enumerate(as_completed(futures), 1):
             result = future.result()
             with results_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(result) + "\n")
             elapsed = time.perf_counter() - started
             eta = elapsed / i * (len(jobs) - i)
-            print(f"[{i}/{len(jobs)}] {_describe(result)}  ({elapsed:.0f} s, ETA {eta:.0f} s)",
+            print(f"[{i}/{len(jobs)}] {_describe(result, metrics_of(args))}  ({elapsed:.0f} s, "
+                  f"ETA {eta:.0f} s)",
                   flush=True)  # fmt: skip
 
     results = [r for r in _read_results(results_path)
                if r["optimizer"] in optimizers and r["lr"] in lrs and r["seed"] in seeds]  # fmt: skip
+    metrics = metrics_of(args)
     base = _base_scores(args, results, eval_seeds)
-    table = summarise(results, optimizers)
-    markdown = render_markdown(table, results, base, args, time.perf_counter() - started)
+    table = summarise(results, optimizers, metrics)
+    markdown = render_markdown(table, results, base, args, time.perf_counter() - started, metrics)
     (args.out / "results.md").write_text(markdown, encoding="utf-8")
-    plot(results, optimizers, base, args.plot or args.out / "quality.png")
+    plot(results, optimizers, base, args.plot or args.out / "quality.png", metrics)
     print(markdown)
     return 0
 
@@ -118,13 +158,17 @@ def train_and_score(
     out: Path,
     eval_seeds: list[int] | None = None,
     set_items: list[str] = (),
+    base_model: str | None = None,
+    scorer: dict | None = None,
+    metrics: tuple[str, ...] = JUDGE_METRICS,
 ) -> dict:
-    """Train one run in this process (``set_items``: more settings) and let the judge score it
-    (no base model)."""
-    from sai_diffusion.miniature.evaluate import evaluate_run
+    """Train one run in this process (``set_items``: more settings) and score it without the
+    base model: the judge for a miniature-world concept, CLIP / DINO (``scorer``) besides or
+    instead."""
     from sai_diffusion.training.recipe import run_training
 
-    flags = {"optimizer": optimizer, "lr": lr, "seed": seed, "max_steps": steps}
+    flags = {"optimizer": optimizer, "lr": lr, "seed": seed, "max_steps": steps,
+             "base_model": base_model}  # fmt: skip
     cfg, concept = config.resolve(concept_name, flags, ["checkpoint_every=0", *set_items])
     run_dir = out / f"{optimizer}-lr{lr:g}-seed{seed}"
     if run_dir.exists():  # a run killed before it reached results.jsonl starts over
@@ -135,12 +179,26 @@ def train_and_score(
     try:
         run_training(cfg, concept, run_dir)
     except TrainingDiverged as exc:  # a diverged run captured nothing
-        return {**result, "diverged": str(exc).splitlines()[0], **dict.fromkeys(METRICS, 0.0),
+        return {**result, "diverged": str(exc).splitlines()[0], **dict.fromkeys(metrics, 0.0),
                 "train_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
     train_s = time.perf_counter() - t0
-    report = evaluate_run(run_dir, seeds=eval_seeds, with_base=False)
-    return {**result, "diverged": None, **{m: report[m] for m in METRICS},
+    report = _score(run_dir, concept, scorer, eval_seeds, with_base=False)
+    return {**result, "diverged": None, **{m: report[m] for m in metrics},
             "final_loss": _final_loss(run_dir), "train_s": round(train_s, 1)}  # fmt: skip
+
+
+def _score(run_dir: Path, concept, scorer: dict | None, eval_seeds, *, with_base: bool) -> dict:
+    """sai-eval's report of one run (not written: the sweep keeps its own results)."""
+    from sai_diffusion.evaluation.alignment import AlignmentModels
+    from sai_diffusion.evaluation.runs import evaluate_alignment
+    from sai_diffusion.miniature.evaluate import evaluate_run
+
+    models = AlignmentModels.load(scorer["clip"], scorer["dino"]) if scorer else None
+    if concept.evaluation and concept.evaluation.get("object"):
+        return evaluate_run(run_dir, seeds=eval_seeds, with_base=with_base, write=False,
+                            alignment=models)  # fmt: skip
+    return evaluate_alignment(run_dir, models, prompts=scorer["prompts"], seeds=eval_seeds,
+                              with_base=with_base, write=False)  # fmt: skip
 
 
 def _final_loss(run_dir: Path) -> float | None:
@@ -159,16 +217,18 @@ def _base_scores(args, results: list[dict], eval_seeds: list[int] | None) -> dic
     finished = [r for r in results if not r.get("diverged")]
     if not finished:
         return None
-    from sai_diffusion.miniature.evaluate import evaluate_run
-
-    report = evaluate_run(Path(finished[0]["run"]), seeds=eval_seeds, write=False)
-    base = {m: report[f"base_{m}"] for m in METRICS}
+    run = Path(finished[0]["run"])
+    _, concept, _ = RunDir(run).read_config()
+    report = _score(run, concept, scorer_of(args), eval_seeds, with_base=True)
+    base = {m: report[f"base_{m}"] for m in metrics_of(args)}
     path.write_text(json.dumps({**base, "eval_seeds": eval_seeds}) + "\n", encoding="utf-8")
     return base
 
 
 # ------------------------------------------------------------------------------ summary
-def summarise(results: list[dict], optimizers: list[str]) -> dict[str, dict]:
+def summarise(
+    results: list[dict], optimizers: list[str], metrics: tuple[str, ...] = JUDGE_METRICS
+) -> dict[str, dict]:
     """Per optimizer and metric: Peak (best lr's seed mean, its seed std, that lr) and Avg
     (mean over lrs of the seed means; std over seeds of each seed's grid average)."""
     table = {}
@@ -179,7 +239,7 @@ def summarise(results: list[dict], optimizers: list[str]) -> dict[str, dict]:
         lrs = sorted({r["lr"] for r in mine})
         seeds = sorted({r["seed"] for r in mine})
         row = {"runs": len(mine), "diverged": sum(bool(r.get("diverged")) for r in mine)}
-        for metric in METRICS:
+        for metric in metrics:
             by_lr = {lr: [r[metric] for r in mine if r["lr"] == lr] for lr in lrs}
             means = {lr: statistics.fmean(v) for lr, v in by_lr.items()}
             best = max(lrs, key=lambda lr: (means[lr], -lr))
@@ -201,33 +261,37 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def render_markdown(table: dict, results: list[dict], base: dict | None, args, wall: float) -> str:
+def render_markdown(
+    table: dict, results: list[dict], base: dict | None, args, wall: float,
+    metrics: tuple[str, ...] = JUDGE_METRICS,
+) -> str:  # fmt: skip
     from sai_diffusion.machine import describe_machine  # torch: only once the workers are done
 
     machine = describe_machine()
+    first = metrics[0]
+    heads = "".join(f" Peak {SHORT[m]} | Avg {SHORT[m]} |" for m in metrics)
     lines = [
-        "| optimizer | Peak concept | Avg concept | Peak prompt | Avg prompt "
-        "| best lr (concept) | diverged |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| optimizer |{heads} best lr ({SHORT[first]}) | diverged |",
+        "|---|" + "---:|---:|" * len(metrics) + "---:|---:|",
     ]
     for opt, row in table.items():
-        c, p = row["concept_fidelity"], row["prompt_fidelity"]
+        cells = "".join(
+            f" {row[m]['peak']:.3f} ± {row[m]['peak_std']:.3f} | {row[m]['avg']:.3f} ± "
+            f"{row[m]['avg_std']:.3f} |"
+            for m in metrics
+        )
         lines.append(
-            f"| {opt} | {c['peak']:.3f} ± {c['peak_std']:.3f} | {c['avg']:.3f} ± "
-            f"{c['avg_std']:.3f} | {p['peak']:.3f} ± {p['peak_std']:.3f} | {p['avg']:.3f} ± "
-            f"{p['avg_std']:.3f} | {c['peak_lr']:g} | {row['diverged']}/{row['runs']} |"
+            f"| {opt} |{cells} {row[first]['peak_lr']:g} | {row['diverged']}/{row['runs']} |"
         )
     if base:
-        lines.append(
-            f"| base model (no LoRA) | {base['concept_fidelity']:.3f} | | "
-            f"{base['prompt_fidelity']:.3f} | | | |"
-        )
+        cells = "".join(f" {base[m]:.3f} | |" for m in metrics)
+        lines.append(f"| base model (no LoRA) |{cells} | |")
     lrs = sorted({r["lr"] for r in results})
-    lines += ["", "Concept fidelity per lr (mean over seeds):", "",
+    lines += ["", f"{SHORT[first]} per lr (mean over seeds):", "",
               "| optimizer | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
               "|---|" + "---:|" * len(lrs)]  # fmt: skip
     for opt, row in table.items():
-        by_lr = row["concept_fidelity"]["by_lr"]
+        by_lr = row[first]["by_lr"]
         cells = [f"{by_lr[lr]:.2f}" if lr in by_lr else "" for lr in lrs]
         lines.append(f"| {opt} | " + " | ".join(cells) + " |")
     train_s = [r["train_s"] for r in results if r.get("train_s")]
@@ -241,14 +305,18 @@ def render_markdown(table: dict, results: list[dict], base: dict | None, args, w
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict], optimizers: list[str], base: dict | None, path: Path) -> None:
+def plot(
+    results: list[dict], optimizers: list[str], base: dict | None, path: Path,
+    metrics: tuple[str, ...] = JUDGE_METRICS,
+) -> None:  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, metric in zip(axes, METRICS, strict=True):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    axes = axes[0]
+    for ax, metric in zip(axes, metrics, strict=True):
         for opt in optimizers:
             mine = [r for r in results if r["optimizer"] == opt]
             lrs = sorted({r["lr"] for r in mine})
@@ -261,11 +329,14 @@ def plot(results: list[dict], optimizers: list[str], base: dict | None, path: Pa
             ax.axhline(base[metric], color="grey", linestyle="--", label="base model")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
-        ax.set_title(metric.replace("_", " "))
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(metric.replace("_", " ") if metric in JUDGE_METRICS else SHORT[metric])
+        if metric in JUDGE_METRICS:
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_ylabel("share of judged images (mean ± std over seeds)")
+        else:
+            ax.set_ylabel("cosine (mean ± std over seeds)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("share of judged images (mean ± std over seeds)")
-    axes[1].legend(loc="best", fontsize=8)
+    axes[-1].legend(loc="best", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -289,11 +360,11 @@ def _key(result: dict) -> tuple[str, float, int]:
     return result["optimizer"], float(result["lr"]), int(result["seed"])
 
 
-def _describe(result: dict) -> str:
+def _describe(result: dict, metrics: tuple[str, ...] = JUDGE_METRICS) -> str:
     head = f"{result['optimizer']} lr {result['lr']:g} seed {result['seed']}"
     if result.get("diverged"):
         return f"{head}: diverged"
-    scores = ", ".join(f"{m.split('_')[0]} {result[m]:.2f}" for m in METRICS)
+    scores = ", ".join(f"{SHORT[m]} {result[m]:.2f}" for m in metrics)
     return f"{head}: {scores}, loss {result['final_loss']}, {result['train_s']:.0f} s"
 
 

@@ -37,17 +37,12 @@ def _load(source: str, kind: str, flag: str, want: tuple[str, ...]):
     """
     local = Path(source).expanduser()
     where = str(local) if local.exists() else source
+    missing = "" if local.exists() else " (no such folder, and no such model on a reachable hub)"
     try:
         model = AutoModel.from_pretrained(where)
-        processor = (AutoProcessor if kind == "CLIP" else AutoImageProcessor).from_pretrained(where)
     except (OSError, ValueError, KeyError) as exc:
-        online = (
-            ""
-            if local.exists()
-            else " (no local folder of that name, and the hub is not reachable or has no such model)"
-        )
         raise UserError(
-            f"cannot load the {kind} model {source}{online}: {first_line(exc)}; pass {flag} "
+            f"cannot load the {kind} model {source}{missing}: {first_line(exc)}; pass {flag} "
             f"DIR, a folder holding a transformers {kind} model and its processor"
         ) from None
     if type(model).__name__ not in want:
@@ -55,6 +50,13 @@ def _load(source: str, kind: str, flag: str, want: tuple[str, ...]):
             f"{source} is a {type(model).__name__}, not a {kind} model ({' or '.join(want)}); "
             f"pass {flag} with a {kind} model folder or hub id"
         )
+    try:
+        processor = (AutoProcessor if kind == "CLIP" else AutoImageProcessor).from_pretrained(where)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"{source} has no {kind} processor ({first_line(exc)}); save the model's processor "
+            f"beside it (processor.save_pretrained(DIR)) or pass {flag} with a full model"
+        ) from None
     return model.eval(), processor
 
 

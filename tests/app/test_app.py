@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -229,7 +230,7 @@ def test_views_and_rescan_name_a_deleted_run_once(app_module, runs_dir, tmp_path
     shutil.rmtree(runs / "thing" / "adamw")
     chosen, sgd_label = list(RUNS.values()), "thing · sgd-sai lr=0.05 · 2 steps"
     with pytest.warns(UserWarning, match=r"'thing/adamw'.*Rescan") as warned:
-        _, loss, _, table, _ = app.show_runs(chosen, "", 0.9)
+        _, loss, _, table, _, _ = app.show_runs(chosen, "", 0.9)
     assert len(warned) == 1
     assert [line.get_label() for line in loss.axes[0].lines][1::2] == [sgd_label]  # raw, EMA
     assert [row[0] for row in table.value["data"]] == [sgd_label]
@@ -242,30 +243,30 @@ def test_views_and_rescan_name_a_deleted_run_once(app_module, runs_dir, tmp_path
 
 @pytest.mark.browser
 @pytest.mark.skipif(bool(NO_BROWSER), reason=NO_BROWSER)
-def test_browser_picks_runs_generates_and_shows_curves(server, runs_dir, tmp_path):
-    """In chromium: generating with no run picked shows one error message; then pick both
-    runs, generate with 2 seeds: the grid and a gallery of 2 x 2 images appear, the grid is
-    offered as a file, and the Training tab draws the loss and g-SNR plots."""
+def test_browser_opens_ready_generates_and_shows_curves(server, runs_dir, tmp_path):
+    """In chromium: the page opens with the newest concept's runs chosen and their first
+    prompt; generate with 2 seeds: the grid and a gallery of 2 x 2 images appear, the grid is
+    offered as a file, and the Training tab draws the loss, g-SNR and alignment plots, with
+    the scores under their names."""
     from playwright.sync_api import sync_playwright
 
     labels = run_labels(index_runs(runs_dir))
+    for key, (clip_t, clip_i) in zip(RUNS.values(), ((0.21, 0.64), (0.24, 0.58)), strict=True):
+        (runs_dir / key / "eval.json").write_text(json.dumps({"clip_t": clip_t, "clip_i": clip_i,
+                                                              "concept_fidelity": 0.5}))  # fmt: skip
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(server)
             page.wait_for_selector("#runs input")
-            page.click("#generate")
-            toast = page.wait_for_selector(".toast-body", timeout=10_000)
-            assert "Pick at least one run" in toast.inner_text()
-            assert "Traceback" not in page.content()
-            for key in RUNS.values():
-                page.click("#runs input")
-                page.click(f'#runs li[data-testid="dropdown-option"][aria-label="{labels[key]}"]')
-            page.keyboard.press("Escape")
             page.wait_for_function(
-                "document.querySelector('#prompt input').value.includes('<Vthing>')"
+                "document.querySelector('#prompt input').value.includes('<Vthing>')",
+                timeout=20_000,
             )
+            chosen = page.locator("#runs").inner_text()
+            assert all(labels[key] in chosen for key in RUNS.values()), chosen
+            assert "Traceback" not in page.content()
             page.fill("#seeds textarea, #seeds input", "1,2")
             page.fill("#steps input[type=number]", "2")
             page.press("#steps input[type=number]", "Enter")
@@ -279,6 +280,10 @@ def test_browser_picks_runs_generates_and_shows_curves(server, runs_dir, tmp_pat
             page.get_by_role("tab", name="Training").click()
             page.wait_for_selector("#loss-plot img", timeout=20_000)
             page.wait_for_selector("#gsnr-plot img", timeout=20_000)
+            page.wait_for_selector("#alignment-plot img", timeout=20_000)
+            for header in ("text alignment (CLIP-T)", "image alignment (CLIP-I)",
+                           "concept fidelity", "peak memory (MiB)"):  # fmt: skip
+                assert header in page.content(), header
             page.screenshot(path=str(tmp_path / "training.png"), full_page=True)
 
             # the Train tab's fields reach the command preview as one settings mapping
@@ -291,6 +296,8 @@ def test_browser_picks_runs_generates_and_shows_curves(server, runs_dir, tmp_pat
             )
         finally:
             browser.close()
+            for key in RUNS.values():  # the module's other tests see the runs unscored
+                (runs_dir / key / "eval.json").unlink()
     assert Image.open(tmp_path / "images.png").size[0] == 1280
 
 
@@ -384,9 +391,12 @@ def test_train_tab_translates_fields_into_the_cli_command(app_module, tmp_path):
         training.train_args(runs, {"concept": "demo", "max_step": "3"})  # a UI wiring bug
 
 
-def test_handler_errors_reach_the_page_as_one_message(app_module):
+def test_handler_errors_reach_the_page_as_one_message(app_module, runs_dir):
     """UserError keeps its message; anything else becomes one line naming the terminal."""
     import gradio as gr
+
+    with pytest.raises(UserError, match="Pick at least one run"):
+        app_module.CompareApp(runs_dir).resolve([])
 
     @app_module.user_errors
     def refuse():

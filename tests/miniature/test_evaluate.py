@@ -176,15 +176,18 @@ def test_runs_on_one_base_model_share_its_images(demo_run, monkeypatch):
     assert other_seed["settings"]["seeds"] == [6] and "base" in other_seed["per_prompt"][0]
 
 
-def test_eval_refuses_a_concept_without_evaluation_and_a_non_run(
-    tmp_path, tiny_pipeline_dir, capsys
+def test_eval_of_a_real_concept_offline_without_models_and_of_a_non_run_exit_2(
+    tmp_path, tiny_pipeline_dir, capsys, monkeypatch
 ):
+    """A concept outside the miniature world is scored by CLIP / DINO; with no network and no
+    local model folder, sai-eval says what to pass."""
     run = train_tiny(make_concept(tmp_path), tiny_pipeline_dir, tmp_path / "run", "sgd-sai")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as offline users set it: no retries
     proc = cli("sai-eval", str(run))  # a real process: exit code 2, one line, no traceback
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "has no evaluation section" in errors[0]
-    assert "sai-compare" in errors[0]
+    assert len(errors) == 1 and "openai/clip-vit-base-patch32" in errors[0]
+    assert "pass --clip-model DIR" in errors[0]
 
     assert cli_module._run(cli_module.eval_main, [str(tmp_path)]) == 2
     assert "run.yaml" in capsys.readouterr().err
@@ -311,3 +314,20 @@ def test_quality_benchmark_writes_its_table_and_plot_and_resumes(tmp_path):
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert again.returncode == 0 and "0 runs to train (2 already in" in again.stdout
+
+
+def test_a_miniature_run_gains_the_clip_figures_when_a_clip_model_is_given(
+    demo_run, scorer_dirs, tmp_path
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, symlinks=True)
+    code = cli_module.eval_main([str(run), "--seeds", "0", "--clip-model", str(scorer_dirs[0]),
+                                 "--dino-model", str(scorer_dirs[1])])  # fmt: skip
+    assert code == 0
+    report = json.loads((run / "eval.json").read_text(encoding="utf-8"))
+    for key in (*HEADLINE, "clip_t", "clip_i", "dino", "base_clip_t", "base_dino"):
+        assert isinstance(report[key], float), key
+    assert report["alignment"]["text"] == "the prompt with {token} read as 'heart'"
+    assert len(list((run / "eval").glob("p*-s0.png"))) == len(report["per_prompt"])
