@@ -261,7 +261,7 @@ def test_browser_opens_ready_generates_and_shows_curves(server, runs_dir, tmp_pa
             page.goto(server)
             page.wait_for_selector("#runs input")
             page.wait_for_function(
-                "document.querySelector('#prompt input').value.includes('<Vthing>')",
+                "(document.querySelector('#prompt input')?.value || '').includes('<Vthing>')",
                 timeout=20_000,
             )
             chosen = page.locator("#runs").inner_text()
