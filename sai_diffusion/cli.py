@@ -128,8 +128,12 @@ def train_main(argv: list[str] | None = None) -> int:
         run_training(cfg, concept, run_dir)
     from accelerate import PartialState  # set up by the run: under DDP, say it once
 
-    if PartialState().is_main_process:
+    state = PartialState()
+    if state.is_main_process:
         print(f"done: {run_dir}")
+    if state.num_processes > 1:  # every rank here; leaving the group to exit would race
+        state.wait_for_everyone()
+        state.destroy_process_group()
     return 0
 
 

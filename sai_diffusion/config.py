@@ -165,6 +165,11 @@ class TrainConfig:
     keep_tokens: int = 1
     # wrap each caption in a random template ("a photo of {}", ...), as Mix-of-Show does
     caption_templates: bool = False
+    # probability that an example trains with the empty caption (the unconditional branch)
+    caption_dropout: float = 0.0
+    # an exponential moving average of the trained tensors, saved as its own files in ema/
+    # (0: off; e.g. 0.999)
+    ema_decay: float = 0.0
     # checkpoints, logging, validation
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
@@ -380,6 +385,8 @@ def validate(cfg: TrainConfig, where: str = "settings") -> TrainConfig:
     need(0 <= cfg.embeddings_max_norm <= 100, "embeddings_max_norm", "must be in [0, 100] (0: off)")
     need(0 <= cfg.keep_tokens <= 75, "keep_tokens", "must be in [0, 75]")
     need(0 < cfg.loss_scale <= 1000, "loss_scale", "must be in (0, 1000]")
+    need(0 <= cfg.caption_dropout <= 1, "caption_dropout", "must be in [0, 1]")
+    need(0 <= cfg.ema_decay < 1, "ema_decay", "must be in [0, 1) (0: off)")
     if cfg.augmentation != "crop" and cfg.cache_latents:
         raise UserError(
             f"{where}: augmentation={cfg.augmentation} draws a new rescale and placement every "

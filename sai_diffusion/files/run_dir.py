@@ -9,6 +9,8 @@
       edlora.safetensors        ED-LoRA runs: layer-wise vectors  files.mix_of_show
                                 (instead of embeddings.safetensors)
       gsnr.json                 SGD-SaI's g-SNR and scale         write_gsnr, read_gsnr
+      ema/                      ema_decay > 0: the same LoRA and  RunDir.ema
+                                token files, of the averages
       eval.json                 sai-eval's scores                 write_scores, read_scores
       eval/                     the images sai-eval scored:       RunDir.eval_images
                                 pNN-sS.png, base/pNN-sS.png
@@ -49,6 +51,7 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 EDLORA_FILE = "edlora.safetensors"
 GSNR_FILE = "gsnr.json"
 EVAL_FILE = "eval.json"
+EMA_DIR = "ema"  # ema_decay > 0: the averaged LoRA and token files, named as in the run
 EVAL_DIR = "eval"  # the images sai-eval scored; the base model's in eval/base
 SAMPLES_DIR = "samples"
 FINAL_SAMPLES = "final"  # samples/final: drawn when training ends
@@ -145,6 +148,11 @@ class RunDir:
     def scores(self) -> Path:  # eval.json
         """sai-eval's report."""
         return self.path / EVAL_FILE
+
+    @property
+    def ema(self) -> RunDir:
+        """``ema/``: the exponential moving average's file set, named as the run's own."""
+        return RunDir(self.path / EMA_DIR)
 
     def eval_images(self, *, base: bool = False) -> Path:
         """``eval/`` (the run's images that sai-eval scored) or ``eval/base``."""

@@ -75,6 +75,8 @@ class Run:
     step: int = 0
     # the token vectors once their mean norm reached embeddings_max_norm: kept from then on
     frozen_vectors: torch.Tensor | None = None
+    # ema_decay > 0: the moving average of every trained tensor, by name (checkpointed)
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -130,6 +132,8 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
         lr=lr,
         base_fingerprint=model_fingerprint(cfg.base_model),
     )
+    if cfg.ema_decay > 0:  # starts at the initial values (restored below on resume)
+        run.ema = {n: p.detach().clone() for n, p in trainable.items()}
     _setup_caches(run)
     if resume:
         run.step = load_latest_checkpoint(run.run_dir, _training_state(run))
@@ -293,8 +297,10 @@ def _setup_caches(run: Run) -> None:
         _note_cached_crops(run)
     # augmented captions are new every time: encoded each step
     if not run.trains_text_encoder and not _augments_captions(run.cfg):
-        captions = sorted({e.caption for e in run.dataset.examples})
-        run.cache["text"] = {c: _encode_text(run, [c])[0].cpu() for c in captions}
+        captions = {e.caption for e in run.dataset.examples}
+        if run.cfg.caption_dropout > 0:
+            captions.add("")  # the dropped caption
+        run.cache["text"] = {c: _encode_text(run, [c])[0].cpu() for c in sorted(captions)}
 
 
 def _augments_captions(cfg: TrainConfig) -> bool:
@@ -353,7 +359,7 @@ def _encode_text(run: Run, captions: list[str]) -> torch.Tensor:
 
 def _training_state(run: Run) -> TrainingState:
     return TrainingState(
-        trainable=run.trainable,
+        trainable={**run.trainable, **{f"ema:{n}": t for n, t in run.ema.items()}},
         optimizer=_unwrap_optimizer(run.optimizer),
         lr_scheduler=run.lr_scheduler,
         scaler=run.accelerator.scaler,
@@ -450,6 +456,10 @@ def _train_step(run: Run) -> float:
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     _limit_embeddings(run)
+    if run.ema:
+        with torch.no_grad():
+            for name, p in run.trainable.items():
+                run.ema[name].mul_(run.cfg.ema_decay).add_(p.detach(), alpha=1 - run.cfg.ema_decay)
     run.step += 1
     return loss
 
@@ -521,6 +531,11 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
                             keep_tokens=cfg.keep_tokens, templates=cfg.caption_templates)
             for c, k in zip(captions, ks, strict=True)
         ]  # fmt: skip
+    if cfg.caption_dropout > 0:  # a stream of its own: the other draws stay as they were
+        captions = [
+            "" if _caption_rng(cfg.seed, k, stream=2).random() < cfg.caption_dropout else c
+            for c, k in zip(captions, ks, strict=True)
+        ]
     noise = _randn(latents.shape, gens)
     if cfg.noise_offset:
         noise += cfg.noise_offset * _randn(latents.shape[:2] + (1, 1), gens)
@@ -537,8 +552,10 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
     }
 
 
-def _caption_rng(seed: int, k: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFF_FFFF_FFFF_FFFF, k, 1]))
+def _caption_rng(seed: int, k: int, *, stream: int = 1) -> np.random.Generator:
+    """Example k's caption draws: stream 1 augments, stream 2 drops."""
+    entropy = [seed & 0xFFFF_FFFF_FFFF_FFFF, k, stream]
+    return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
 def _randn(shape: torch.Size | tuple[int, ...], gens: list[torch.Generator]) -> torch.Tensor:
@@ -735,8 +752,25 @@ def _write_outputs(run: Run, optimizer) -> dict[str, Path]:
         metadata["sai_gsnr_scales"] = json.dumps({r["name"]: r["scale"] for r in gsnr})
     elif cfg.optimizer.startswith("scaled-"):
         metadata["sai_scaled_variant"] = f"peft create_riemannian_optimizer reg={cfg.scaled_reg:g}"
+    files = _write_file_set(run, run.run_dir, unet, text_encoder, metadata)
+    if gsnr is not None:
+        run.run_dir.write_gsnr(gsnr)
+    if run.ema:  # the averaged tensors, as their own file set in ema/
+        with _ema_weights(run, text_encoder):
+            ema_dir = run.run_dir.ema
+            metadata = {**metadata, "sai_ema_decay": f"{cfg.ema_decay:g}"}
+            files |= {f"ema/{k}": v
+                      for k, v in _write_file_set(run, ema_dir, unet, text_encoder, metadata).items()}  # fmt: skip
+    return files
+
+
+def _write_file_set(run: Run, run_dir: RunDir, unet, text_encoder, metadata) -> dict[str, Path]:
+    """lora.safetensors, lora_kohya.safetensors and the token vectors (embeddings.safetensors,
+    or an ED-LoRA run's edlora.safetensors) of the modules as they are, into ``run_dir``."""
+    cfg = run.cfg
+    run_dir.path.mkdir(parents=True, exist_ok=True)
     files = save_lora(
-        run.run_dir.path,
+        run_dir.path,
         unet=unet,
         text_encoder=text_encoder if cfg.text_encoder_lora else None,
         rank=cfg.rank,
@@ -746,21 +780,41 @@ def _write_outputs(run: Run, optimizer) -> dict[str, Path]:
     )
     if cfg.edlora:  # (L, D) per word; a TI file would read it as L tokens, so none is written
         files["edlora"] = save_edlora(
-            run.run_dir.edlora,
+            run_dir.edlora,
             _layerwise_vectors(run, text_encoder),
             layers=[name for name, _ in edlora.cross_attention_layers(unet)],
             metadata={k: metadata[k] for k in ("sai_concept", "sai_token", "sai_base_model")},
         )
     else:
         files["embeddings"] = save_embeddings(
-            run.run_dir.embeddings,
+            run_dir.embeddings,
             tokenizer=run.pipe.tokenizer,
             text_encoder=text_encoder,
             tokens=run.concept.words,
         )
-    if gsnr is not None:
-        run.run_dir.write_gsnr(gsnr)
     return files
+
+
+@contextlib.contextmanager
+def _ema_weights(run: Run, text_encoder):
+    """The trained tensors (and the baked token rows) holding their averages, then the raw
+    values back."""
+    raw = {n: p.detach().clone() for n, p in run.trainable.items()}
+    table = text_encoder.get_input_embeddings().weight
+    ids = torch.tensor(run.token_ids, device=table.device)
+    rows = table[ids].detach().clone()
+    try:
+        with torch.no_grad():
+            for name, p in run.trainable.items():
+                p.copy_(run.ema[name])
+                if name.endswith(".vectors"):  # baked: the table's rows are what files read
+                    table[ids] = run.ema[name].to(table.dtype)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in run.trainable.items():
+                p.copy_(raw[name])
+            table[ids] = rows
 
 
 def _layerwise_vectors(run: Run, text_encoder) -> dict[str, torch.Tensor]:
