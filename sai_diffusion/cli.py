@@ -416,7 +416,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     judged = {d: bool(c.evaluation and c.evaluation.get("object")) for d, c in runs.items()}
     models = None
-    if args.clip_model or not all(judged.values()):
+    # CLIP / DINO score every run the judge does not (another concept, or other prompts)
+    if args.clip_model or args.prompts is not None or not all(judged.values()):
         dino = args.dino_model or DEFAULT_DINO
         models = AlignmentModels.load(args.clip_model or DEFAULT_CLIP,
                                       None if dino.lower() == "none" else dino)  # fmt: skip
