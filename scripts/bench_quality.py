@@ -25,6 +25,7 @@ second call skips the runs already in results.jsonl, so an interrupted benchmark
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import shutil
@@ -187,13 +188,20 @@ def train_and_score(
             "final_loss": _final_loss(run_dir), "train_s": round(train_s, 1)}  # fmt: skip
 
 
+@functools.lru_cache(maxsize=1)
+def _scorers(clip: str, dino: str | None):
+    """The CLIP / DINO models, loaded once per worker process (every run of it scores with them)."""
+    from sai_diffusion.evaluation.alignment import AlignmentModels
+
+    return AlignmentModels.load(clip, dino)
+
+
 def _score(run_dir: Path, concept, scorer: dict | None, eval_seeds, *, with_base: bool) -> dict:
     """sai-eval's report of one run (not written: the sweep keeps its own results)."""
-    from sai_diffusion.evaluation.alignment import AlignmentModels
     from sai_diffusion.evaluation.runs import evaluate_alignment
     from sai_diffusion.miniature.evaluate import evaluate_run
 
-    models = AlignmentModels.load(scorer["clip"], scorer["dino"]) if scorer else None
+    models = _scorers(scorer["clip"], scorer["dino"]) if scorer else None
     if concept.evaluation and concept.evaluation.get("object"):
         return evaluate_run(run_dir, seeds=eval_seeds, with_base=with_base, write=False,
                             alignment=models)  # fmt: skip

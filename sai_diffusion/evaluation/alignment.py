@@ -122,23 +122,3 @@ def text_alignment(images: torch.Tensor, texts: torch.Tensor) -> tuple[float, fl
     """(mean cos, mean 2.5 * max(cos, 0)) of image i with text i."""
     cos = (images * texts).sum(-1)
     return float(cos.mean()), float((2.5 * cos.clamp_min(0)).mean())
-
-
-def score(
-    models: AlignmentModels,
-    images: Sequence[Image.Image],
-    class_texts: Sequence[str],
-    references: Sequence[Image.Image],
-) -> dict[str, float]:
-    """clip_t, clip_t_mos, clip_i (and dino) of ``images`` against their prompts said with the
-    class word (``class_texts``, one per image) and the training images ``references``."""
-    clip_images = models.clip_images(images)
-    clip_t, clip_t_mos = text_alignment(clip_images, models.clip_texts(class_texts))
-    out = {
-        "clip_t": clip_t,
-        "clip_t_mos": clip_t_mos,
-        "clip_i": all_pairs_mean(clip_images, models.clip_images(references)),
-    }
-    if models.dino is not None:
-        out["dino"] = all_pairs_mean(models.dino_images(images), models.dino_images(references))
-    return out

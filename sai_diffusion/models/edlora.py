@@ -22,6 +22,7 @@ run, sampling reads them to decide how to encode a prompt.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -166,6 +167,7 @@ class LayerWords:
     tokens: Mapping[str, Sequence[str]]
     layers: int
 
+    @functools.cached_property
     def _pattern(self) -> re.Pattern:
         # one pass, longest word first: "sks" must not rewrite "sksdog" or its layer token
         words = sorted(self.tokens, key=len, reverse=True)
@@ -173,10 +175,10 @@ class LayerWords:
 
     def bind(self, prompt: str, layer: int) -> str:
         """``prompt`` as layer ``layer`` reads it: each word replaced by its layer token."""
-        return self._pattern().sub(lambda m: self.tokens[m[0]][layer], prompt)
+        return self._pattern.sub(lambda m: self.tokens[m[0]][layer], prompt)
 
     def uses(self, prompt: str) -> bool:
-        return self._pattern().search(prompt) is not None
+        return self._pattern.search(prompt) is not None
 
 
 def set_layer_words(unet: nn.Module, words: LayerWords | None) -> None:
