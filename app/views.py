@@ -17,11 +17,13 @@ from sai_diffusion.files.run_dir import RunInfo, read_samples
 def loss_figure(
     index: dict[str, RunInfo], keys: list[str], labels: dict[str, str], smoothing: float
 ) -> Figure | None:
-    """The runs' losses against step, raw (faint) and EMA-smoothed, one colour per run."""
+    """The runs' losses against step, raw (faint) and EMA-smoothed, one colour per run, and
+    each run's validation loss on its held-out images (dashed) when it has one."""
     if not keys:
         return None
     fig = Figure(figsize=(9, 3.8), layout="constrained")
     ax = fig.add_subplot()
+    held_out = False
     for i, key in enumerate(keys):
         curve = views.loss_curve(index[key].path, smoothing=smoothing)
         color = f"C{i % 10}"
@@ -36,9 +38,15 @@ def loss_figure(
             markersize=3,
             label=labels[key],
         )
+        if curve.val_steps:
+            ax.plot(curve.val_steps, curve.val_loss, color=color, linestyle="--", marker="s",
+                    markersize=3, linewidth=1.2, label=f"{labels[key]}, held out")  # fmt: skip
+            held_out = True
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(f"Training loss (faint: raw; solid: EMA, smoothing {smoothing:g})", fontsize=10)
+    title = f"Training loss (faint: raw; solid: EMA, smoothing {smoothing:g}"
+    title += "; dashed: held-out images)" if held_out else ")"
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig

@@ -98,6 +98,15 @@ class Concept:
     def prompts(self) -> list[str]:
         return [p.format(token=self.text) for p in self.validation_prompts]
 
+    def folder(self, value: str) -> Path:
+        """A folder a setting names (validation_data, class_data): absolute as given; relative
+        to this YAML's folder when it exists there, else to the working directory."""
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return path
+        beside = self.path.parent / path
+        return beside if beside.exists() or not path.exists() else path.resolve()
+
 
 @dataclass
 class TrainConfig:
@@ -134,6 +143,8 @@ class TrainConfig:
     text_encoder_lora: bool = False
     text_encoder_rank: int | None = None
     text_encoder_alpha: float | None = None
+    # DoRA (Liu et al. 2024): each LoRA layer also learns the norm of its weight's rows
+    use_dora: bool = False
     train_embeddings: bool = False
     init_noise_std: float = 0.0
     # Mix-of-Show's ED-LoRA: one embedding per word and cross-attention layer (models.edlora)
@@ -175,6 +186,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     validation_every: int = 0
+    # held-out images for a validation loss (fixed timesteps and noise): a fraction of the
+    # concept's images, or a folder of its own (relative: to the concept YAML, else the cwd)
+    validation_split: float = 0.0
+    validation_data: str | None = None
+    validation_loss_every: int = 50
     validation_seeds: list[int] = field(default_factory=lambda: [1, 2])
     sample_steps: int = 25
     guidance_scale: float = 7.5
@@ -379,6 +395,13 @@ def validate(cfg: TrainConfig, where: str = "settings") -> TrainConfig:
     need(cfg.min_snr_gamma >= 0, "min_snr_gamma", "must be >= 0 (0: off)")
     need(cfg.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0: off)")
     need(cfg.validation_every >= 0, "validation_every", "must be >= 0 (0: only at the end)")
+    need(0 <= cfg.validation_split < 1, "validation_split", "must be in [0, 1) (0: off)")
+    need(cfg.validation_loss_every >= 1, "validation_loss_every", "must be >= 1")
+    if cfg.validation_split > 0 and cfg.validation_data:
+        raise UserError(
+            f"{where}: validation_split and validation_data both name held-out images; keep "
+            "one (validation_data=FOLDER, or validation_split=0.1 of the concept's images)"
+        )
     need(1 <= cfg.sample_steps <= 1000, "sample_steps", "must be in [1, 1000]")
     need(cfg.lora_targets != [], "lora_targets", "must name at least one module")
     need(0 <= cfg.attn_reg_weight <= 100, "attn_reg_weight", "must be in [0, 100] (0: off)")

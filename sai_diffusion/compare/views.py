@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,29 @@ class LossCurve:
     steps: list[int]
     loss: list[float]
     smoothed: list[float]
+    # the held-out images' loss (validation_split / validation_data), where it was computed
+    val_steps: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
 
 
 def loss_curve(run_dir: Path, *, smoothing: float = 0.9) -> LossCurve:
-    """Loss against step, raw and EMA-smoothed; empty lists before the first logged step."""
-    records = [r for r in RunDir(run_dir).read_metrics() if isinstance(r.get("loss"), int | float)]
-    losses = [float(r["loss"]) for r in records]
-    return LossCurve([r["step"] for r in records], losses, ema(losses, smoothing))
+    """Loss against step, raw and EMA-smoothed, and the validation loss (not smoothed: its
+    draws are fixed); empty lists before the first logged step."""
+    records = RunDir(run_dir).read_metrics()
+    train = [r for r in records if _is_number(r.get("loss"))]
+    val = [r for r in records if _is_number(r.get("val_loss"))]
+    losses = [float(r["loss"]) for r in train]
+    return LossCurve(
+        [r["step"] for r in train],
+        losses,
+        ema(losses, smoothing),
+        [r["step"] for r in val],
+        [float(r["val_loss"]) for r in val],
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # -------------------------------------------------------------------------------- g-SNR

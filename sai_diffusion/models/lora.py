@@ -23,13 +23,18 @@ def add_lora(
     text_encoder_targets: Iterable[str] = TEXT_ENCODER_LORA_TARGETS,
     text_encoder_rank: int | None = None,
     text_encoder_alpha: float | None = None,
+    use_dora: bool = False,
 ) -> None:
     """Freeze ``unet`` (and ``text_encoder``) and inject a peft LoRA adapter named ``ADAPTER``.
 
     Targets are module-name suffixes, matched the way peft matches them (``to_out.0`` matches
     ``...attn1.to_out.0``). B starts at zero, so the adapted model starts equal to the base one.
     Afterwards only the LoRA factors require grad. The text encoder gets LoRA only when it is
-    given; its rank and alpha default to the UNet's.
+    given; its rank and alpha default to the UNet's. A Conv2d target (``conv1``, ``conv2``,
+    ``conv_shortcut`` of the ResNet blocks: LoCon) gets peft's conv LoRA, A a conv of the
+    layer's kernel and B a 1x1 conv. ``use_dora`` makes every adapted layer DoRA's: peft adds
+    a trained magnitude per output channel (``lora_magnitude_vector``), initialised to the
+    norms of the base weight's rows, so the model still starts equal to the base one.
 
     Raises:
         UserError: a target matches no Linear/Conv2d module.
@@ -45,7 +50,7 @@ def add_lora(
         _check_targets(model, targets)
     for model, targets, r, a in parts:
         model.requires_grad_(False)  # before injection: the LoRA factors are created trainable
-        config = LoraConfig(r=r, lora_alpha=a, target_modules=list(targets))
+        config = LoraConfig(r=r, lora_alpha=a, target_modules=list(targets), use_dora=use_dora)
         # diffusers' ModelMixin.add_adapter and transformers' PeftAdapterMixin.add_adapter
         model.add_adapter(config, adapter_name=ADAPTER)
 

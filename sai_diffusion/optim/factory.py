@@ -4,7 +4,8 @@ Names: ``sgd-sai`` (ours), ``scaled-adamw`` / ``scaled-sgd`` (Riemannian-precond
 Zhang & Pilanci 2024, through peft's ``create_riemannian_optimizer``), ``adamw`` and ``sgd``
 (torch). Parameters may come as a model, as ``(name, param)`` pairs, or as groups
 ``{"name": ..., "params": [(name, param), ...], "lr": ..., "weight_decay": ...}``; every group
-is split into a decayed part and a part without decay for 1-D tensors (biases, norms).
+is split into a decayed part and a part without decay for 1-D tensors (biases, norms) and
+DoRA's magnitudes.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def _param_groups(params, *, weight_decay: float, no_decay_1d: bool) -> list[dic
         decay = base.pop("weight_decay", weight_decay)
         parts = {"decay": [], "no_decay": []}
         for n, p in named:
-            parts["no_decay" if (no_decay_1d and p.ndim <= 1) else "decay"].append((n, p))
+            # DoRA's magnitudes are weight norms, whatever their shape: decay would shrink them
+            plain = no_decay_1d and (p.ndim <= 1 or "lora_magnitude_vector" in n)
+            parts["no_decay" if plain else "decay"].append((n, p))
         for part, members in parts.items():
             if not members:
                 continue

@@ -16,14 +16,22 @@ crop) and Mix-of-Show's "resize-crop-pad" (maybe crop, shrink the whole to fit, 
 random place on black, the pasted area returned as ``valid``). ``augment_caption`` shuffles a
 caption's comma-separated phrases and wraps it in a random phrasing such as "a photo of {}".
 
+Aspect-ratio buckets (kohya's) train each image at about its own shape rather than a square:
+``bucket_resolutions`` lists (width, height) sizes of at most resolution**2 pixels,
+``assign_buckets`` gives each image (``image_sizes``) the bucket nearest its aspect ratio,
+``ConceptDataset(sizes=...)`` crops each image to its bucket's size with "crop", and
+``BucketBatches`` schedules batches that hold one bucket each, so their tensors stack.
+
 Augmentation randomness comes from (seed, epoch, index) alone, never from global RNG state:
 a resumed run, or a run with a different number of DataLoader workers, sees exactly the
-same crops and flips.
+same crops and flips; the bucket schedule comes from (seed, epoch) alone in the same way.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -325,10 +333,14 @@ def _to_grey(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def _resize_shortest_side(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
-    width, height = image.size
-    scale = size / min(width, height)
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+def _resize_to_cover(
+    image: Image.Image, width: int, height: int, resample: Image.Resampling
+) -> Image.Image:
+    """The image scaled, aspect kept, to the smallest size covering width x height (for a
+    square target: the shorter side to its side); returned as is when that is its size."""
+    image_width, image_height = image.size
+    scale = max(width / image_width, height / image_height)
+    new_size = (max(width, round(image_width * scale)), max(height, round(image_height * scale)))
     return image if new_size == image.size else image.resize(new_size, resample=resample)
 
 
@@ -345,23 +357,25 @@ def _crop(
     mask: Image.Image | None,
     rng: np.random.Generator,
     *,
-    size: int,
+    width: int,
+    height: int,
     center: bool,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """A size x size crop of the image (short side already size) and of its mask.
+    """A width x height crop of the image (already covering it, ``_resize_to_cover``) and of
+    its mask.
 
-    Returns pixels (R, R, 3) in [0, 255], mask weights (R, R) in [0, 255] or None, and the
-    valid area (R, R), all ones. Draws: the crop's top, then its left (even when centred).
+    Returns pixels (H, W, 3) in [0, 255], mask weights (H, W) in [0, 255] or None, and the
+    valid area (H, W), all ones. Draws: the crop's top, then its left (even when centred).
     """
-    width, height = image.size
-    top = int(rng.integers(0, height - size + 1))
-    left = int(rng.integers(0, width - size + 1))
+    image_width, image_height = image.size
+    top = int(rng.integers(0, image_height - height + 1))
+    left = int(rng.integers(0, image_width - width + 1))
     if center:
-        top, left = (height - size) // 2, (width - size) // 2
-    rows, cols = slice(top, top + size), slice(left, left + size)
+        top, left = (image_height - height) // 2, (image_width - width) // 2
+    rows, cols = slice(top, top + height), slice(left, left + width)
     pixels = np.asarray(image, dtype=np.float32)[rows, cols]
     weights = None if mask is None else np.asarray(mask, dtype=np.float32)[rows, cols]
-    return pixels, weights, np.ones((size, size), dtype=np.float32)
+    return pixels, weights, np.ones((height, width), dtype=np.float32)
 
 
 def _resize_crop_pad(
@@ -413,8 +427,48 @@ def _resize_crop_pad(
     return pixels, weights, valid
 
 
+def _seeded_rng(*values: int, stream: tuple[int, ...] = ()) -> np.random.Generator:
+    """A generator whose draws depend on `values` (ints, any sign) and `stream` alone.
+
+    SeedSequence pads its entropy with zeros to four 32-bit words, so (a, b) and (a, b, 0)
+    would give one stream: generators for different purposes pass different `stream` keys.
+    """
+    # SeedSequence wants non-negative integers; masking keeps negative seeds distinct.
+    entropy = [value & 0xFFFF_FFFF_FFFF_FFFF for value in values]
+    return np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=stream))
+
+
+def _checked_sizes(
+    sizes: list[tuple[int, int]], n_examples: int, augmentation: str
+) -> list[tuple[int, int]]:
+    """ConceptDataset's per-example (width, height) targets, validated (UserError)."""
+    if augmentation != "crop":
+        raise UserError(
+            f"Aspect-ratio buckets work with augmentation=crop, got {augmentation!r}. Fix: "
+            "set augmentation to crop, or train on squares without buckets."
+        )
+    sizes = list(sizes)
+    if len(sizes) != n_examples:
+        raise UserError(
+            f"sizes holds {len(sizes)} (width, height) targets for {n_examples} examples. "
+            "Fix: give one target per example, in the order of the examples."
+        )
+    for i, size in enumerate(sizes):
+        is_pair = isinstance(size, tuple | list) and len(size) == 2
+        if not is_pair or not all(
+            isinstance(side, int | np.integer) and not isinstance(side, bool) and side > 0
+            for side in size
+        ):
+            raise UserError(
+                f"sizes[{i}] is {size!r}, not a (width, height) pair of positive ints. Fix: "
+                "give each example a target such as (512, 512)."
+            )
+    return [(int(width), int(height)) for width, height in sizes]
+
+
 class ConceptDataset(torch.utils.data.Dataset):
-    """Square crops of the concept images with their masks, as tensors.
+    """Square (or, with ``sizes``, bucket-sized) crops of the concept images with their masks,
+    as tensors.
 
     Each item is a dict: ``pixel_values`` (3, R, R) float in [-1, 1], ``mask`` (1, R, R) float
     in [0, 1] (ones over the image when it has no mask), ``valid`` (1, R, R) float, 1 where the
@@ -428,6 +482,15 @@ class ConceptDataset(torch.utils.data.Dataset):
       ``center_crop`` applies to "crop" only and is ignored here;
 
     and then maybe mirrored; image, mask and valid area get the same crop, paste and flip.
+
+    ``sizes`` (aspect-ratio buckets, see ``assign_buckets``) gives example i its own target
+    (W, H) instead of (R, R), with ``augmentation="crop"`` only: the image is resized to the
+    smallest size covering W x H, then cropped to it and maybe mirrored as above, so its item
+    holds (3, H, W) pixels and (1, H, W) mask and valid. Items of different sizes do not
+    stack: batch them with ``BucketBatches``. ``sizes`` of None is the square crop.
+
+    Raises UserError for no examples, a bad setting, or ``sizes`` of the wrong length, with a
+    side that is not a positive int, or given with "resize-crop-pad".
 
     The augmentation of item i depends only on (seed, epoch, i): call ``set_epoch`` at the
     start of each epoch. DataLoader workers hold a copy of the dataset, so use
@@ -444,6 +507,7 @@ class ConceptDataset(torch.utils.data.Dataset):
         center_crop: bool = False,
         random_flip: float = 0.5,
         seed: int = 0,
+        sizes: list[tuple[int, int]] | None = None,
     ) -> None:
         if not examples:
             raise UserError("The dataset has no examples. Fix: add images to the data folder.")
@@ -460,6 +524,8 @@ class ConceptDataset(torch.utils.data.Dataset):
             raise UserError(
                 f"random_flip is a probability and must be in [0, 1], got {random_flip}."
             )
+        if sizes is not None:
+            sizes = _checked_sizes(sizes, len(examples), augmentation)
         self.examples = list(examples)
         self.resolution = resolution
         self.augmentation = augmentation
@@ -467,6 +533,7 @@ class ConceptDataset(torch.utils.data.Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.sizes = sizes
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -477,9 +544,7 @@ class ConceptDataset(torch.utils.data.Dataset):
 
     def augmentation_rng(self, index: int) -> np.random.Generator:
         """The generator for item `index` this epoch; the same triple gives the same draws."""
-        # SeedSequence wants non-negative integers; masking keeps negative seeds distinct.
-        entropy = [value & 0xFFFF_FFFF_FFFF_FFFF for value in (self.seed, self.epoch, index)]
-        return np.random.default_rng(np.random.SeedSequence(entropy))
+        return _seeded_rng(self.seed, self.epoch, index)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self.examples):
@@ -493,27 +558,30 @@ class ConceptDataset(torch.utils.data.Dataset):
             _check_mask_size(example.mask_path, mask.size, example.image_path, image.size)
 
         size = self.resolution
-        image = _resize_shortest_side(image, size, Image.Resampling.BICUBIC)
+        width, height = (size, size) if self.sizes is None else self.sizes[index]
+        image = _resize_to_cover(image, width, height, Image.Resampling.BICUBIC)
         if mask is not None:
-            mask = _resize_shortest_side(mask, size, Image.Resampling.BILINEAR)
+            mask = _resize_to_cover(mask, width, height, Image.Resampling.BILINEAR)
 
         # Always draw in the same order, whatever the settings, so one setting does not
         # shift the random stream of another: the geometry's draws, then the flip.
         rng = self.augmentation_rng(index)
         if self.augmentation == "crop":
-            pixels, weights, valid = _crop(image, mask, rng, size=size, center=self.center_crop)
-        else:
+            pixels, weights, valid = _crop(
+                image, mask, rng, width=width, height=height, center=self.center_crop
+            )
+        else:  # "resize-crop-pad", never with sizes: the target is the square
             pixels, weights, valid = _resize_crop_pad(
                 image, mask, rng, size=size, crop_p=self.crop_p
             )
         flip = bool(rng.random() < self.random_flip)
 
-        pixel_values = torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)  # (3, R, R)
-        valid_values = torch.from_numpy(valid).unsqueeze(0)  # (1, R, R)
+        pixel_values = torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)  # (3, H, W)
+        valid_values = torch.from_numpy(valid).unsqueeze(0)  # (1, H, W)
         if weights is None:  # no mask file: the whole image is the subject
             mask_values = valid_values.clone()
         else:
-            mask_values = torch.from_numpy(weights / 255.0).unsqueeze(0)  # (1, R, R)
+            mask_values = torch.from_numpy(weights / 255.0).unsqueeze(0)  # (1, H, W)
         if flip:
             pixel_values = pixel_values.flip(-1)
             mask_values = mask_values.flip(-1)
@@ -526,3 +594,141 @@ class ConceptDataset(torch.utils.data.Dataset):
             "caption": example.caption,
             "index": index,
         }
+
+
+# --------------------------------------------------------------------------- buckets
+
+# Stream keys (see _seeded_rng) of BucketBatches' three generators.
+_ORDER_STREAM, _MEMBERS_STREAM, _FILL_STREAM = (1,), (2,), (3,)
+
+
+def bucket_resolutions(resolution: int, step: int) -> list[tuple[int, int]]:
+    """The (width, height) buckets for an area of resolution**2 pixels, kohya-style.
+
+    Sides are multiples of `step` within [resolution // 2, 2 * resolution] (rounded inwards to
+    multiples of step). For each width the bucket takes the tallest such height whose area
+    stays within resolution**2, kept when that height is within the bounds, together with its
+    transpose; plus the square. Sorted by aspect ratio width / height, ascending.
+
+    Raises ValueError unless step >= 1 and resolution is a positive multiple of step.
+    """
+    if step < 1 or resolution <= 0 or resolution % step:
+        raise ValueError(
+            f"resolution must be a positive multiple of step >= 1, got resolution "
+            f"{resolution} and step {step}."
+        )
+    area = resolution * resolution
+    min_side = -(-(resolution // 2) // step) * step  # ceil to a multiple of step
+    max_side = 2 * resolution // step * step
+    buckets = {(resolution, resolution)}
+    for width in range(min_side, max_side + 1, step):
+        height = min(max_side, area // width // step * step)
+        if height >= min_side:
+            buckets |= {(width, height), (height, width)}
+    return sorted(buckets, key=lambda bucket: (bucket[0] / bucket[1], bucket[0]))
+
+
+def image_sizes(examples: list[Example]) -> list[tuple[int, int]]:
+    """Each example's image (width, height) as shown, EXIF orientation applied (header reads)."""
+    sizes = []
+    for example in examples:
+        with Image.open(example.image_path) as image:
+            sizes.append(_oriented_size(image))
+    return sizes
+
+
+def assign_buckets(sizes: list[tuple[int, int]], buckets: list[tuple[int, int]]) -> list[int]:
+    """For each (width, height), the index of the bucket nearest its aspect ratio.
+
+    Nearest means the least |log(w / h) - log(bw / bh)|, compared exactly (as the ratio
+    max(x / b, b / x) of the two aspect ratios); ties go to the larger area, then the lower
+    index. A square image lands in the square bucket, the only one of ratio 1.
+
+    Raises ValueError for no buckets.
+    """
+    if not buckets:
+        raise ValueError("assign_buckets needs at least one bucket.")
+    bucket_ratios = [Fraction(width, height) for width, height in buckets]
+    areas = [width * height for width, height in buckets]
+    assigned = []
+    for width, height in sizes:
+        ratio = Fraction(width, height)
+        nearness = [  # (distance as a ratio >= 1, larger area first, lower index first)
+            (max(ratio / bucket_ratio, bucket_ratio / ratio), -area, i)
+            for i, (bucket_ratio, area) in enumerate(zip(bucket_ratios, areas, strict=True))
+        ]
+        assigned.append(min(nearness)[2])
+    return assigned
+
+
+class BucketBatches:
+    """The deterministic batch schedule of a bucketed dataset: chunks of one bucket each.
+
+    Chunk c is a list of `batch_size` dataset indices that share a bucket; epoch
+    c // chunks_per_epoch covers every index at least once. Per epoch e, each bucket's
+    members are shuffled and cut into pieces of batch_size; a short last piece is filled with
+    other members of its bucket drawn at random (repeating members only when the bucket has
+    fewer than batch_size); then all the epoch's pieces are shuffled. Every draw comes from
+    (seed, e) and the bucket id alone, so ``chunk(c)`` does not depend on the calls before
+    it: a resumed run sees the same batches.
+
+    Raises ValueError for an empty `bucket_of` or a batch_size below 1.
+    """
+
+    def __init__(self, bucket_of: list[int], batch_size: int, seed: int) -> None:
+        if not bucket_of:
+            raise ValueError("BucketBatches needs at least one example (bucket_of is empty).")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        members: dict[int, list[int]] = {}
+        for index, bucket in enumerate(bucket_of):
+            members.setdefault(bucket, []).append(index)
+        self._members = dict(sorted(members.items()))  # bucket id -> its indices, ascending
+        self.batch_size = batch_size
+        self.seed = seed
+        self._chunks_per_epoch = sum(
+            math.ceil(len(indices) / batch_size) for indices in self._members.values()
+        )
+        self._cached: tuple[int, list[tuple[int, list[int]]]] | None = None
+
+    @property
+    def chunks_per_epoch(self) -> int:
+        """Sum over buckets of ceil(bucket size / batch_size); the same every epoch."""
+        return self._chunks_per_epoch
+
+    def chunk(self, c: int) -> list[int]:
+        """The dataset indices of global chunk number c."""
+        return list(self._piece(c)[1])
+
+    def bucket(self, c: int) -> int:
+        """The bucket id of global chunk number c."""
+        return self._piece(c)[0]
+
+    def _piece(self, c: int) -> tuple[int, list[int]]:
+        if c < 0:
+            raise ValueError(f"chunk numbers start at 0, got {c}.")
+        epoch, position = divmod(c, self._chunks_per_epoch)
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = epoch, self._epoch_pieces(epoch)
+        return self._cached[1][position]
+
+    def _epoch_pieces(self, epoch: int) -> list[tuple[int, list[int]]]:
+        """(bucket id, indices) of each chunk of `epoch`, in schedule order."""
+        size = self.batch_size
+        pieces = []
+        for bucket, indices in self._members.items():
+            members = np.asarray(indices)
+            rng = _seeded_rng(self.seed, epoch, bucket, stream=_MEMBERS_STREAM)
+            shuffled = rng.permutation(members).tolist()
+            for start in range(0, len(shuffled), size):
+                pieces.append((bucket, shuffled[start : start + size]))
+            last = pieces[-1][1]
+            short = size - len(last)
+            if short:
+                rng = _seeded_rng(self.seed, epoch, bucket, stream=_FILL_STREAM)
+                others = np.setdiff1d(members, last)  # ascending
+                distinct = rng.permutation(others)[:short]
+                repeated = rng.choice(members, short - len(distinct))  # when too few others
+                last.extend(distinct.tolist() + repeated.tolist())
+        order = _seeded_rng(self.seed, epoch, stream=_ORDER_STREAM).permutation(len(pieces))
+        return [pieces[i] for i in order]

@@ -45,7 +45,8 @@ from ..models.tokens import (
 from ..optim import SGDSaI, build_optimizer
 from .attention import attention_penalty, word_positions
 from .checkpoints import TrainingState, load_latest_checkpoint, save_checkpoint
-from .data import ConceptDataset, augment_caption, discover_examples, non_square_images
+from .data import ConceptDataset, Example, augment_caption, discover_examples, non_square_images
+from .held_out import split_examples, validation_noise, validation_timesteps
 from .loss import min_snr_weight, per_sample_mse, prediction_target
 from .schedule import build_lr_scheduler, replan_lr_scheduler
 
@@ -77,6 +78,8 @@ class Run:
     frozen_vectors: torch.Tensor | None = None
     # ema_decay > 0: the moving average of every trained tensor, by name (checkpointed)
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the validation loss's images (validation_split or validation_data); never trained on
+    held_out: list[Example] = field(default_factory=list)
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -100,7 +103,7 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
         UserError: bad data, a missing or unreadable base model, a LoRA target that matches
             nothing, a concept token already in the vocabulary, no checkpoint to resume.
     """
-    dataset = _setup_data(cfg, concept)
+    dataset, held_out = _setup_data(cfg, concept)
     accelerator = _setup_accelerator(cfg)
     reset_peak_memory(accelerator.device)  # this run's peak, not an earlier one's in-process
     torch.manual_seed(cfg.seed)
@@ -131,6 +134,7 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
         token_ids=token_ids,
         lr=lr,
         base_fingerprint=model_fingerprint(cfg.base_model),
+        held_out=held_out,
     )
     if cfg.ema_decay > 0:  # starts at the initial values (restored below on resume)
         run.ema = {n: p.detach().clone() for n, p in trainable.items()}
@@ -155,17 +159,22 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     return run
 
 
-def _setup_data(cfg: TrainConfig, concept: Concept) -> ConceptDataset:
+def _setup_data(cfg: TrainConfig, concept: Concept) -> tuple[ConceptDataset, list[Example]]:
+    """The training images as a dataset, and the held-out images of the validation loss."""
     examples = discover_examples(
         concept.data, token=concept.text, caption_template=concept.caption_template
     )
+    examples, held_out = split_examples(examples, cfg.validation_split, where=str(concept.data))
+    if cfg.validation_data:
+        held_out = discover_examples(concept.folder(cfg.validation_data), token=concept.text,
+                                     caption_template=concept.caption_template)  # fmt: skip
     if cfg.attn_reg_weight > 0 and not any(e.mask_path for e in examples):
         raise UserError(
             f"attn_reg_weight {cfg.attn_reg_weight:g} penalises attention outside the subject "
             f"masks, and {concept.data} has none; add masks (mask/<name>.png beside image/) "
             "or set attn_reg_weight=0"
         )
-    return ConceptDataset(
+    dataset = ConceptDataset(
         examples,
         resolution=cfg.resolution,
         center_crop=cfg.center_crop,
@@ -173,6 +182,7 @@ def _setup_data(cfg: TrainConfig, concept: Concept) -> ConceptDataset:
         seed=cfg.seed,
         augmentation=cfg.augmentation,
     )
+    return dataset, held_out
 
 
 def _setup_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -237,6 +247,7 @@ def _setup_model(cfg: TrainConfig, concept: Concept, accelerator: Accelerator):
         unet_targets=tuple(cfg.lora_targets),
         text_encoder_rank=cfg.text_encoder_rank,
         text_encoder_alpha=cfg.text_encoder_alpha,
+        use_dora=cfg.use_dora,
     )
     if cfg.train_embeddings:
         make_token_embeddings_trainable(text_encoder, token_ids)
@@ -295,9 +306,11 @@ def _setup_caches(run: Run) -> None:
     if run.cfg.cache_latents:
         _cache_latents(run)
         _note_cached_crops(run)
+    if run.held_out:
+        run.cache["validation"] = _validation_latents(run)
     # augmented captions are new every time: encoded each step
     if not run.trains_text_encoder and not _augments_captions(run.cfg):
-        captions = {e.caption for e in run.dataset.examples}
+        captions = {e.caption for e in run.dataset.examples + run.held_out}
         if run.cfg.caption_dropout > 0:
             captions.add("")  # the dropped caption
         run.cache["text"] = {c: _encode_text(run, [c])[0].cpu() for c in sorted(captions)}
@@ -326,6 +339,46 @@ def _cache_latents(run: Run) -> None:
         stds.append(dist.std.float().cpu())
         masks.append(torch.stack([item["mask"], item["mask"].flip(-1)]))  # (2, 1, H, W)
     run.cache["latents"] = (torch.stack(means), torch.stack(stds), torch.stack(masks))
+
+
+def _validation_latents(run: Run) -> list[dict[str, Any]]:
+    """Per held-out image: its latents (1, 4, h, w) (the posterior mean of the centre crop,
+    scaled), mask (1, 1, H, W) and caption."""
+    vae = run.pipe.vae
+    fixed = ConceptDataset(run.held_out, resolution=run.cfg.resolution, center_crop=True,
+                           random_flip=0.0, seed=run.cfg.seed)  # fmt: skip
+    out = []
+    for i in range(len(fixed)):
+        item = fixed[i]
+        pixels = item["pixel_values"][None].to(run.accelerator.device, vae.dtype)
+        latents = vae.encode(pixels).latent_dist.mean.float().cpu()
+        out.append({"latents": latents * vae.config.scaling_factor, "mask": item["mask"][None],
+                    "caption": item["caption"]})  # fmt: skip
+    return out
+
+
+@torch.no_grad()
+def validation_loss(run: Run) -> float:
+    """The training objective (masked, min-SNR weighted, times loss_scale; without the
+    attention penalty) on the held-out images at ``held_out.validation_timesteps`` with each
+    image's fixed noise, averaged over images and timesteps. Every process computes it (the
+    DDP modules' forward is collective)."""
+    timesteps = validation_timesteps(run.noise_scheduler.config.num_train_timesteps)
+    n = len(timesteps)
+    losses = []
+    with _eval_mode(run.unet, run.text_encoder):
+        for i, item in enumerate(run.cache["validation"]):
+            latents = item["latents"].expand(n, *item["latents"].shape[1:])
+            batch = {
+                "latents": latents,
+                "noise": validation_noise(i, tuple(latents.shape[1:])),
+                "timesteps": timesteps,
+                "mask": item["mask"].expand(n, *item["mask"].shape[1:]),
+                "valid": None,
+                "captions": [item["caption"]] * n,
+            }
+            losses.append(_loss(run, batch, attention=False).item())
+    return sum(losses) / len(losses)
 
 
 def _note_cached_crops(run: Run) -> None:
@@ -414,9 +467,14 @@ def _train_and_log(run: Run, bar, writer) -> None:
         "lr": {g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)},
         "peak_mem_mb": peak_memory_mb(acc.device),
     }
-    if acc.is_main_process and (run.step % cfg.log_every == 0 or run.step == cfg.max_steps):
+    if run.held_out and (run.step % cfg.validation_loss_every == 0 or run.step == cfg.max_steps):
+        record["val_loss"] = validation_loss(run)
+    logged = run.step % cfg.log_every == 0 or run.step == cfg.max_steps or "val_loss" in record
+    if acc.is_main_process and logged:
         _log(run, record, writer)
-    bar.set_postfix(loss=f"{loss:.4f}")
+    bar.set_postfix(
+        loss=f"{loss:.4f}", **({"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {})
+    )
     bar.update(1)
 
     due = cfg.validation_every and run.step % cfg.validation_every == 0
@@ -563,9 +621,10 @@ def _randn(shape: torch.Size | tuple[int, ...], gens: list[torch.Generator]) -> 
     return torch.stack([torch.randn(shape[1:], generator=g) for g in gens])
 
 
-def _loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+def _loss(run: Run, batch: dict[str, Any], *, attention: bool = True) -> torch.Tensor:
     """Noise-prediction MSE of the batch (mask-weighted, optionally min-SNR weighted, times
-    loss_scale), plus the attention regularisation when attn_reg_weight > 0."""
+    loss_scale), plus the attention regularisation when attn_reg_weight > 0 and
+    ``attention``."""
     cfg, device, sched = run.cfg, run.accelerator.device, run.noise_scheduler
     latents, noise = batch["latents"].to(device), batch["noise"].to(device)
     timesteps = batch["timesteps"].to(device)
@@ -575,7 +634,7 @@ def _loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     else:
         context = _encode_text(run, batch["captions"])
     unet_dtype = next(run.unet.parameters()).dtype
-    with _recording(run) as records:
+    with _recording(run, attention) as records:
         pred = run.unet(noisy.to(unet_dtype), timesteps, context.to(unet_dtype)).sample
     target = prediction_target(sched, latents, noise, timesteps)
     mask = batch["mask"] if cfg.use_masks else batch["valid"]
@@ -593,9 +652,10 @@ def _loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _recording(run: Run):
-    """The cross-attention probabilities of one UNet call, when attn_reg_weight > 0."""
-    if run.cfg.attn_reg_weight <= 0:
+def _recording(run: Run, enabled: bool):
+    """The cross-attention probabilities of one UNet call, when attn_reg_weight > 0 and
+    ``enabled``."""
+    if run.cfg.attn_reg_weight <= 0 or not enabled:
         yield []
         return
     records: list = []
@@ -627,6 +687,8 @@ def _log(run: Run, record: dict[str, Any], writer) -> None:
     run.run_dir.append_metrics(record)
     if writer is not None:
         writer.add_scalar("loss", record["loss"], record["step"])
+        if "val_loss" in record:
+            writer.add_scalar("val_loss", record["val_loss"], record["step"])
         for name, value in record["lr"].items():
             writer.add_scalar(f"lr/{name}", value, record["step"])
 

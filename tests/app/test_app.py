@@ -29,7 +29,7 @@ from sai_diffusion.compare.labels import group_runs, run_labels
 from sai_diffusion.compare.views import run_cost
 from sai_diffusion.errors import UserError
 from sai_diffusion.files.lora_files import lora_numel
-from sai_diffusion.files.run_dir import index_runs
+from sai_diffusion.files.run_dir import RunDir, index_runs
 from tests.helpers import make_concept, train_tiny
 
 RUNS = {"sgd-sai": "thing/sgd-sai", "adamw": "thing/adamw"}
@@ -55,13 +55,15 @@ CHROMIUM_ARGS = [
 
 @pytest.fixture(scope="module")
 def runs_dir(tiny_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two finished tiny runs (sgd-sai, adamw; 2 steps at 64 px), a folder that is not a run
+    """Two finished tiny runs (sgd-sai with one of the 3 images held out, adamw; 2 steps at
+    64 px), a folder that is not a run
     and a run.yaml that does not parse, in ``runs/``; ``secret.txt`` lies beside ``runs/``."""
     root = tmp_path_factory.mktemp("app")
     concept = make_concept(root / "concept")
     runs = root / "runs"
     for optimizer, name in RUNS.items():
-        train_tiny(concept, tiny_pipeline_dir, runs / name, optimizer,
+        held_out = ["--set", "validation_split=0.34"] if optimizer == "sgd-sai" else []
+        train_tiny(concept, tiny_pipeline_dir, runs / name, optimizer, *held_out,
                    "--set", "validation_seeds=[1]", "--set", "sample_steps=2")  # fmt: skip
     (runs / "notes").mkdir()
     (runs / "notes" / "todo.txt").write_text("not a run")
@@ -446,3 +448,13 @@ def test_run_list_and_costs_from_the_trained_runs(runs_dir):
     assert adamw.state_bytes >= 2 * 4 * numel
     assert 0.45 < sai.state_bytes / adamw.state_bytes < 0.55
     assert sai.median_step_time > 0 and sai.steps_logged == 2
+
+
+def test_the_loss_plot_draws_the_held_out_loss_of_the_run_that_has_one(app_module, runs_dir):
+    index = index_runs(runs_dir)
+    fig = app_module.loss_figure(index, list(RUNS.values()), run_labels(index), 0.9)
+    dashed = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    logged = [r for r in RunDir(runs_dir / RUNS["sgd-sai"]).read_metrics() if "val_loss" in r]
+    assert len(dashed) == 1 and [r["step"] for r in logged] == [2]
+    assert list(dashed[0].get_ydata()) == [r["val_loss"] for r in logged]
+    assert "held out" in dashed[0].get_label() and "held-out" in fig.axes[0].get_title()

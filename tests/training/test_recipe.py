@@ -407,7 +407,7 @@ def test_a_two_word_concept_trains_samples_and_loads(tiny_pipeline_dir, tmp_path
     data.update(token="<Vthing1>+<Vthing2>", class_word="<rand-0.013>+dog")
     concept.write_text(yaml.safe_dump(data))
     cfg, c = config.resolve(str(concept), {"resolution": 64}, [])
-    dataset = recipe._setup_data(cfg, c)
+    dataset, _ = recipe._setup_data(cfg, c)
     assert dataset.examples[0].caption == "a photo of <Vthing1> <Vthing2> number 0"
     assert c.prompts()[1] == "a pencil sketch of <Vthing1> <Vthing2>"
     run = tmp_path / "run"
