@@ -167,6 +167,10 @@ class TrainConfig:
     # the concept words' cross-attention outside the subject mask, penalised (Mix-of-Show 0.01)
     attn_reg_weight: float = 0.0
     center_crop: bool = False
+    # aspect-ratio buckets (kohya's): each image trains at the bucket of about resolution^2
+    # pixels nearest its aspect ratio (sides multiples of bucket_step), a batch from one bucket
+    buckets: bool = False
+    bucket_step: int = 64
     random_flip: float = 0.5
     # "crop": shorter side to the resolution, then a crop; "resize-crop-pad": Mix-of-Show's
     # random rescale, crop (p 0.5) and paste into the square, the loss kept to the pasted area
@@ -181,6 +185,13 @@ class TrainConfig:
     # an exponential moving average of the trained tensors, saved as its own files in ema/
     # (0: off; e.g. 0.999)
     ema_decay: float = 0.0
+    # prior preservation (DreamBooth): class images (a folder, or num_class_images drawn by
+    # the base model with class_prompt, default "a photo of <class word>"), trained beside
+    # the concept's at prior_loss_weight
+    class_data: str | None = None
+    class_prompt: str | None = None
+    num_class_images: int = 0
+    prior_loss_weight: float = 1.0
     # checkpoints, logging, validation
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
@@ -397,6 +408,8 @@ def validate(cfg: TrainConfig, where: str = "settings") -> TrainConfig:
     need(cfg.validation_every >= 0, "validation_every", "must be >= 0 (0: only at the end)")
     need(0 <= cfg.validation_split < 1, "validation_split", "must be in [0, 1) (0: off)")
     need(cfg.validation_loss_every >= 1, "validation_loss_every", "must be >= 1")
+    need(0 <= cfg.num_class_images <= 100_000, "num_class_images", "must be in [0, 100000]")
+    need(0 < cfg.prior_loss_weight <= 100, "prior_loss_weight", "must be in (0, 100]")
     if cfg.validation_split > 0 and cfg.validation_data:
         raise UserError(
             f"{where}: validation_split and validation_data both name held-out images; keep "
@@ -410,6 +423,18 @@ def validate(cfg: TrainConfig, where: str = "settings") -> TrainConfig:
     need(0 < cfg.loss_scale <= 1000, "loss_scale", "must be in (0, 1000]")
     need(0 <= cfg.caption_dropout <= 1, "caption_dropout", "must be in [0, 1]")
     need(0 <= cfg.ema_decay < 1, "ema_decay", "must be in [0, 1) (0: off)")
+    need(8 <= cfg.bucket_step <= 512 and cfg.bucket_step % 8 == 0, "bucket_step",
+         "must be a multiple of 8 in [8, 512] (64 for SD 1.5)")  # fmt: skip
+    if cfg.buckets and cfg.resolution % cfg.bucket_step:
+        raise UserError(
+            f"{where}: buckets=true needs resolution ({cfg.resolution}) to be a multiple of "
+            f"bucket_step ({cfg.bucket_step}); change one of them"
+        )
+    if cfg.buckets and cfg.augmentation != "crop":
+        raise UserError(
+            f"{where}: buckets=true resizes each image to its bucket and crops it; "
+            f"augmentation={cfg.augmentation} pastes into a square instead. Keep one"
+        )
     if cfg.augmentation != "crop" and cfg.cache_latents:
         raise UserError(
             f"{where}: augmentation={cfg.augmentation} draws a new rescale and placement every "

@@ -27,6 +27,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import safetensors
 import safetensors.torch
@@ -53,7 +54,15 @@ _SS_ALIASES = {
 }
 _KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
-_Factors = tuple[torch.Tensor, torch.Tensor, float]  # (A (r, in), B (out, r), alpha)
+
+class _Factors(NamedTuple):
+    """One LoRA layer: A (r, in) or, on a conv, (r, in, k, k); B (out, r) or (out, r, 1, 1)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    magnitude: torch.Tensor | None  # DoRA's trained row norms, (out,) or (1, out, 1, 1)
+    base: torch.Tensor  # the frozen weight the layer adapts (out, in[, k, k])
 
 
 # --------------------------------------------------------------------------- saving
@@ -101,6 +110,7 @@ def save_lora(
 
     header = _training_header(metadata, rank=rank, alpha=alpha,
                               text_encoder_alpha=te_alpha if len(parts) > 1 else None)  # fmt: skip
+    header |= _network_args([f for _, _, modules in parts for f in modules.values()], rank, alpha)
     # diffusers rebuilds each LoraConfig (r, lora_alpha, targets) from this entry; alpha is
     # folded, so the entry says alpha = rank like every loader that ignores it assumes
     diffusers_header = {
@@ -135,6 +145,22 @@ def _training_header(
     else:
         header["sai_unet_alpha"] = str(float(alpha))
         header["sai_text_encoder_alpha"] = str(float(text_encoder_alpha))
+    return header
+
+
+def _network_args(modules: list[_Factors], rank: int, alpha: float) -> dict[str, str]:
+    """kohya's ``ss_network_args`` for conv layers (``conv_dim``, ``conv_alpha``) and DoRA
+    (LyCORIS's ``dora_wd`` on the output axis, its module named as LyCORIS names it)."""
+    args: dict[str, str] = {}
+    if any(f.down.dim() == 4 for f in modules):
+        args |= {"conv_dim": str(int(rank)), "conv_alpha": f"{alpha:g}"}
+    header = {}
+    if any(f.magnitude is not None for f in modules):
+        args |= {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
+        header["ss_network_module"] = "lycoris.kohya"
+        header["sai_dora_scale"] = "m * |W| / |W + dW| per output row (ComfyUI's reading)"
+    if args:
+        header["ss_network_args"] = json.dumps(args)
     return header
 
 
@@ -188,7 +214,11 @@ def _lora_modules(model: nn.Module, what: str) -> dict[str, _Factors]:
             )
         down = module.lora_A[ADAPTER].weight
         up = module.lora_B[ADAPTER].weight
-        found[_canonical(name, what)] = (down, up, float(alpha))
+        dora = getattr(module, "lora_magnitude_vector", {})
+        magnitude = dora[ADAPTER].weight if ADAPTER in dora else None
+        found[_canonical(name, what)] = _Factors(
+            down, up, float(alpha), magnitude, module.get_base_layer().weight
+        )
     return found
 
 
@@ -207,7 +237,8 @@ def _canonical(name: str, what: str) -> str:
 def _check_rank_alpha(
     modules: dict[str, _Factors], what: str, *, rank: int | None, alpha: float
 ) -> None:
-    for name, (down, _, module_alpha) in modules.items():
+    for name, factors in modules.items():
+        down, module_alpha = factors.down, factors.alpha
         if (rank is not None and down.shape[0] != rank) or module_alpha != alpha:
             raise ValueError(
                 f"{what} LoRA module {name} has rank {down.shape[0]}, alpha {module_alpha}; "
@@ -262,13 +293,40 @@ def _adapter_config(model: nn.Module, prefix: str) -> dict[str, object]:
 
 
 def _kohya_tensors(modules: dict[str, _Factors], prefix: str) -> dict[str, torch.Tensor]:
+    """kohya's keys: ``lora_unet_<module, dots as underscores>`` (``lora_te_text_model_...``)
+    with ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha`` and, for DoRA, ``.dora_scale``.
+    A conv layer's factors keep their 4-D shapes (LoCon's layout, which ComfyUI and A1111
+    read as up.flatten(1) @ down.flatten(1))."""
     out = {}
-    for name, (down, up, alpha) in modules.items():
+    for name, factors in modules.items():
         base = prefix + name.replace(".", "_")
-        out[f"{base}.lora_down.weight"] = down.detach().contiguous()
-        out[f"{base}.lora_up.weight"] = up.detach().contiguous()
-        out[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)  # 0-dim, as kohya writes it
+        out[f"{base}.lora_down.weight"] = factors.down.detach().contiguous()
+        out[f"{base}.lora_up.weight"] = factors.up.detach().contiguous()
+        # 0-dim, as kohya writes it
+        out[f"{base}.alpha"] = torch.tensor(factors.alpha, dtype=torch.float32)
+        if factors.magnitude is not None:
+            out[f"{base}.dora_scale"] = _dora_scale(factors)
     return out
+
+
+@torch.no_grad()
+def _dora_scale(factors: _Factors) -> torch.Tensor:
+    """(out, 1) or (out, 1, 1, 1): the ``dora_scale`` that gives peft's DoRA weight under the
+    output-axis reading of ComfyUI and Forge.
+
+    peft trains W' = m * (W + dW) / |W + dW| per output row (dW = alpha / r * B A). A
+    ``dora_scale`` whose first dimension is the layer's output is read there as
+    W' = s * (W + dW) / |W| (the base weight's row norms, plus float eps), so the file holds
+    s = m * |W| / |W + dW|; A1111 reads only the input-axis layout (LyCORIS's
+    wd_on_output=False), which peft's DoRA cannot produce.
+    """
+    weight = factors.base.detach().float()
+    down, up = factors.down.detach().float(), factors.up.detach().float()
+    delta = (factors.alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1))
+    merged = weight.flatten(1) + delta  # (out, in * k * k)
+    scale = factors.magnitude.detach().float().reshape(-1) * weight.flatten(1).norm(dim=1)
+    scale = scale / merged.norm(dim=1)
+    return scale.reshape(-1, *[1] * (weight.dim() - 1)).contiguous()
 
 
 def atomic_save_tensors(
@@ -322,8 +380,29 @@ def load_lora_into(
     pipe.load_lora_weights(run.path, weight_name=run.lora.name, adapter_name=adapter_name)
     if adapter_name is None:  # diffusers picked "default_<i>"
         (adapter_name,) = _adapter_names(pipe) - before
+    _restore_text_encoder_magnitudes(pipe.text_encoder, run.lora, adapter_name)
     pipe.set_adapters([adapter_name], adapter_weights=[weight])
     return adapter_name
+
+
+@torch.no_grad()
+def _restore_text_encoder_magnitudes(text_encoder: nn.Module, path: Path, adapter: str) -> None:
+    """Copy a DoRA file's text-encoder magnitudes into the loaded adapter.
+
+    diffusers 0.42 builds the text encoder's DoRA layers but, with transformers 5's flattened
+    CLIPTextModel, loads none of their ``lora_magnitude_vector`` tensors (reported as missing;
+    they keep their initial values, so the encoder computes plain LoRA). The UNet's load fine.
+    """
+    prefix, suffix = "text_encoder.", ".lora_magnitude_vector"
+    with safetensors.safe_open(path, framework="pt") as f:
+        keys = [k for k in f.keys() if k.startswith(prefix) and k.endswith(suffix)]  # noqa: SIM118 (safe_open has no __iter__)
+        for key in keys:
+            name = key[len(prefix) : -len(suffix)]
+            try:
+                module = text_encoder.get_submodule(name)
+            except AttributeError:  # a flattened model: no text_model level
+                module = text_encoder.get_submodule(name.removeprefix("text_model."))
+            module.lora_magnitude_vector[adapter].weight.copy_(f.get_tensor(key))
 
 
 def _adapter_names(pipe: StableDiffusionPipeline) -> set[str]:

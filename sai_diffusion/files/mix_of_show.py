@@ -115,6 +115,13 @@ def mix_of_show_params(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
         raise UserError(f"{run.lora} is not readable ({e}); train the run again") from None
     parts: dict[str, dict[str, torch.Tensor]] = {"text_encoder": {}, "unet": {}}
     for key, tensor in lora.items():
+        if key.endswith(".lora_magnitude_vector") or tensor.dim() != 2:
+            what = "DoRA (use_dora)" if tensor.dim() < 4 else "conv LoRA (LoCon)"
+            raise UserError(
+                f"{run.lora} holds {what} layers ({key}); Mix-of-Show's loader merges plain "
+                "LoRA on Linear layers only. Export a run trained without them, or use its "
+                "lora_kohya.safetensors in ComfyUI"
+            )
         prefix, _, name = key.partition(".")
         down, up = _LORA_SUFFIXES.get(prefix, ("", ""))
         if down and name.endswith(down):

@@ -43,9 +43,20 @@ from ..models.tokens import (
     tokenize,
 )
 from ..optim import SGDSaI, build_optimizer
+from . import prior
 from .attention import attention_penalty, word_positions
 from .checkpoints import TrainingState, load_latest_checkpoint, save_checkpoint
-from .data import ConceptDataset, Example, augment_caption, discover_examples, non_square_images
+from .data import (
+    BucketBatches,
+    ConceptDataset,
+    Example,
+    assign_buckets,
+    augment_caption,
+    bucket_resolutions,
+    discover_examples,
+    image_sizes,
+    non_square_images,
+)
 from .held_out import split_examples, validation_noise, validation_timesteps
 from .loss import min_snr_weight, per_sample_mse, prediction_target
 from .schedule import build_lr_scheduler, replan_lr_scheduler
@@ -80,6 +91,10 @@ class Run:
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
     # the validation loss's images (validation_split or validation_data); never trained on
     held_out: list[Example] = field(default_factory=list)
+    # buckets=true: which examples each batch draws (None: an epoch-wise permutation)
+    batches: BucketBatches | None = None
+    # prior preservation's class images (training.prior), drawn beside every concept example
+    class_dataset: ConceptDataset | None = None
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -95,8 +110,9 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     """Build the parts of a run; with ``resume``, restore the latest checkpoint of ``run_dir``.
 
     The order matters: the data first (a bad dataset fails in a second, before a model loads);
-    accelerate next (the model is loaded for its device and precision); the global seed before
-    the model (peft draws LoRA's A from it); the optimizer over the finished adapters; accelerate's
+    accelerate next (the model is loaded for its device and precision); prior preservation's
+    class images, drawn by the base model; the global seed right before the adapters (peft
+    draws LoRA's A from it); the optimizer over the finished adapters; accelerate's
     wrapping; the caches on the final device; the checkpoint last, over all of it.
 
     Raises:
@@ -106,10 +122,21 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     dataset, held_out = _setup_data(cfg, concept)
     accelerator = _setup_accelerator(cfg)
     reset_peak_memory(accelerator.device)  # this run's peak, not an earlier one's in-process
-    torch.manual_seed(cfg.seed)
-    pipe, token_ids, trainable = _setup_model(cfg, concept, accelerator)
+    pipe = _load_model(cfg, accelerator)
+    fingerprint = model_fingerprint(cfg.base_model)
+    class_dataset = _setup_prior(cfg, concept, pipe, accelerator, fingerprint)  # base draws
+    torch.manual_seed(cfg.seed)  # after any class images are drawn
+    token_ids, trainable = _adapt_model(cfg, concept, pipe)
     lr = cfg.resolved_lr(concept)
     optimizer, lr_scheduler = _setup_optimizer(cfg, trainable, cfg.group_lrs(concept))
+    if cfg.optimizer.startswith("scaled-") and any(
+        ".lora_A." in n and p.dim() > 2 for n, p in trainable.items()
+    ):
+        accelerator.print(
+            f"note: {cfg.optimizer} preconditions the LoRA pairs of Linear layers (peft's "
+            "create_riemannian_optimizer); those of the conv layers (LoCon) take its base "
+            "optimizer's plain steps"
+        )
 
     # accelerate wraps the trained modules (DDP across GPUs) and the optimizer (GradScaler).
     unet, text_encoder = pipe.unet, pipe.text_encoder
@@ -133,8 +160,10 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
         trainable=trainable,
         token_ids=token_ids,
         lr=lr,
-        base_fingerprint=model_fingerprint(cfg.base_model),
+        base_fingerprint=fingerprint,
         held_out=held_out,
+        batches=_bucket_batches(cfg, dataset, accelerator),
+        class_dataset=class_dataset,
     )
     if cfg.ema_decay > 0:  # starts at the initial values (restored below on resume)
         run.ema = {n: p.detach().clone() for n, p in trainable.items()}
@@ -181,8 +210,29 @@ def _setup_data(cfg: TrainConfig, concept: Concept) -> tuple[ConceptDataset, lis
         random_flip=cfg.random_flip,
         seed=cfg.seed,
         augmentation=cfg.augmentation,
+        sizes=_bucket_sizes(cfg, examples),
     )
     return dataset, held_out
+
+
+def _bucket_sizes(cfg: TrainConfig, examples: list[Example]) -> list[tuple[int, int]] | None:
+    """Each image's bucket (width, height) when buckets=true, else None (the square)."""
+    if not cfg.buckets:
+        return None
+    resolutions = bucket_resolutions(cfg.resolution, cfg.bucket_step)
+    return [resolutions[b] for b in assign_buckets(image_sizes(examples), resolutions)]
+
+
+def _bucket_batches(
+    cfg: TrainConfig, dataset: ConceptDataset, accelerator: Accelerator
+) -> BucketBatches | None:
+    """The bucketed batch schedule, after saying which buckets the images fill."""
+    if dataset.sizes is None:
+        return None
+    buckets = sorted(set(dataset.sizes), key=lambda wh: wh[0] / wh[1])
+    counts = ", ".join(f"{w}x{h}: {dataset.sizes.count((w, h))}" for w, h in buckets)
+    accelerator.print(f"buckets (width x height: images): {counts}")
+    return BucketBatches([buckets.index(s) for s in dataset.sizes], cfg.batch_size, cfg.seed)
 
 
 def _setup_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -200,11 +250,9 @@ def _setup_accelerator(cfg: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def _setup_model(cfg: TrainConfig, concept: Concept, accelerator: Accelerator):
-    """The base model, frozen, on the accelerator's device (weights in the compute dtype when
-    training in half precision), with the concept token and the LoRA adapters; the modules
-    that train are in train mode. Returns the pipeline, the token ids and the trainable tensors
-    by name (fp32)."""
+def _load_model(cfg: TrainConfig, accelerator: Accelerator):
+    """The base model, frozen and in eval mode, on the accelerator's device (weights in the
+    compute dtype when training in half precision)."""
     device = accelerator.device
     if cfg.base_model == BUILTIN_BASE_MODEL:
         accelerator.print(
@@ -221,7 +269,41 @@ def _setup_model(cfg: TrainConfig, concept: Concept, accelerator: Accelerator):
                           (vae, torch.float32 if cfg.vae_fp32 else weight_dtype)):  # fmt: skip
         # a cast to the dtype it has already makes diffusers warn about fp32 modules
         module.to(device) if module.dtype == dtype else module.to(device, dtype=dtype)
+    return pipe
 
+
+def _setup_prior(
+    cfg: TrainConfig, concept: Concept, pipe, accelerator: Accelerator, fingerprint: str
+) -> ConceptDataset | None:
+    """Prior preservation's class images as a dataset (None when off); the main process
+    first draws the missing ones with the base model, the others wait for it."""
+    if not prior.uses_prior(cfg):
+        return None
+    folder = prior.class_folder(cfg, concept, fingerprint)
+    if cfg.num_class_images > 0 and accelerator.is_main_process:
+        prompt = prior.class_prompt(cfg, concept)
+        with accelerator.autocast():
+            drawn = prior.generate_class_images(pipe, folder, prompt=prompt,
+                                                count=cfg.num_class_images,
+                                                sample=prior.settings(cfg),
+                                                base=str(cfg.base_model))  # fmt: skip
+        accelerator.print(f"class images: {folder} ({drawn} drawn now)")
+    accelerator.wait_for_everyone()
+    examples = prior.class_examples(cfg, concept, folder)
+    if cfg.num_class_images > len(examples):
+        raise UserError(
+            f"{folder} holds {len(examples)} class images but num_class_images is "
+            f"{cfg.num_class_images}; it was changed during generation, or delete it"
+        )
+    return ConceptDataset(examples, resolution=cfg.resolution, center_crop=cfg.center_crop,
+                          random_flip=cfg.random_flip, seed=cfg.seed,
+                          sizes=_bucket_sizes(cfg, examples))  # fmt: skip
+
+
+def _adapt_model(cfg: TrainConfig, concept: Concept, pipe):
+    """The concept's words and the LoRA adapters in the loaded base model; the modules that
+    train are in train mode. Returns the token ids and the trainable tensors by name (fp32)."""
+    unet, text_encoder = pipe.unet, pipe.text_encoder
     # The concept's words, initialised from the class word(s), before LoRA wraps the encoder.
     token_ids = add_concept_tokens(
         pipe.tokenizer,
@@ -268,7 +350,7 @@ def _setup_model(cfg: TrainConfig, concept: Concept, accelerator: Accelerator):
             enable = getattr(text_encoder, "activation_checkpointing_enable", None)
             enable = enable or text_encoder.gradient_checkpointing_enable  # its older name
             enable({"use_reentrant": False})
-    return pipe, token_ids, trainable
+    return token_ids, trainable
 
 
 def _setup_optimizer(
@@ -311,6 +393,8 @@ def _setup_caches(run: Run) -> None:
     # augmented captions are new every time: encoded each step
     if not run.trains_text_encoder and not _augments_captions(run.cfg):
         captions = {e.caption for e in run.dataset.examples + run.held_out}
+        if run.class_dataset is not None:
+            captions |= {e.caption for e in run.class_dataset.examples}
         if run.cfg.caption_dropout > 0:
             captions.add("")  # the dropped caption
         run.cache["text"] = {c: _encode_text(run, [c])[0].cpu() for c in sorted(captions)}
@@ -321,32 +405,41 @@ def _augments_captions(cfg: TrainConfig) -> bool:
 
 
 def _cache_latents(run: Run) -> None:
-    """VAE posteriors (mean, std) of each image, unflipped and flipped, at the centre crop."""
+    """The concept images' latents, encoded once before training."""
+    run.cache["latents"] = _encode_fixed(run, run.dataset)
+
+
+def _encode_fixed(run: Run, dataset: ConceptDataset) -> tuple[list, list, list]:
+    """Per image of ``dataset``: the VAE posterior's mean and std (2, 4, h, w), unflipped and
+    flipped, and the mask (2, 1, H, W), at the centre crop (of its bucket, with
+    buckets=true)."""
     vae, device = run.pipe.vae, run.accelerator.device
     fixed = ConceptDataset(
-        run.dataset.examples,
+        dataset.examples,
         resolution=run.cfg.resolution,
         center_crop=True,
         random_flip=0.0,
         seed=run.cfg.seed,
+        sizes=dataset.sizes,
     )
     means, stds, masks = [], [], []
     for i in range(len(fixed)):
         item = fixed[i]
         pixels = torch.stack([item["pixel_values"], item["pixel_values"].flip(-1)])
         dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-        means.append(dist.mean.float().cpu())  # (2, 4, h, w)
+        means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
-        masks.append(torch.stack([item["mask"], item["mask"].flip(-1)]))  # (2, 1, H, W)
-    run.cache["latents"] = (torch.stack(means), torch.stack(stds), torch.stack(masks))
+        masks.append(torch.stack([item["mask"], item["mask"].flip(-1)]))
+    return means, stds, masks  # lists: with buckets the sizes differ
 
 
 def _validation_latents(run: Run) -> list[dict[str, Any]]:
     """Per held-out image: its latents (1, 4, h, w) (the posterior mean of the centre crop,
-    scaled), mask (1, 1, H, W) and caption."""
+    at its bucket's size with buckets=true; scaled), mask (1, 1, H, W) and caption."""
     vae = run.pipe.vae
     fixed = ConceptDataset(run.held_out, resolution=run.cfg.resolution, center_crop=True,
-                           random_flip=0.0, seed=run.cfg.seed)  # fmt: skip
+                           random_flip=0.0, seed=run.cfg.seed,
+                           sizes=_bucket_sizes(run.cfg, run.held_out))  # fmt: skip
     out = []
     for i in range(len(fixed)):
         item = fixed[i]
@@ -383,7 +476,7 @@ def validation_loss(run: Run) -> float:
 
 def _note_cached_crops(run: Run) -> None:
     """Say once what the latent cache drops: the random crops of non-square images."""
-    if run.cfg.center_crop:
+    if run.cfg.center_crop or run.cfg.buckets:
         return
     cut = non_square_images(run.dataset.examples)
     if cut:
@@ -546,43 +639,26 @@ def _example_generator(seed: int, k: int) -> torch.Generator:
 
 
 def _batch(run: Run, micro: int) -> dict[str, Any]:
-    """The examples of (step, micro-batch, rank): an epoch-wise permutation of the dataset."""
+    """The examples of (step, micro-batch, rank): an epoch-wise permutation of the dataset,
+    or with buckets=true the chunk of ``run.batches`` numbered as the micro-batch over the
+    ranks (so N processes train what one does with grad_accum N). With prior preservation,
+    one class example per concept example follows them (``prior_from`` says where), at the
+    chunk's size: the UNet sees both in one call."""
     cfg, acc, n = run.cfg, run.accelerator, len(run.dataset)
-    first = (
-        (run.step * cfg.grad_accum + micro) * acc.num_processes + acc.process_index
-    ) * cfg.batch_size
+    chunk = (run.step * cfg.grad_accum + micro) * acc.num_processes + acc.process_index
+    first = chunk * cfg.batch_size
     ks = range(first, first + cfg.batch_size)
-    gens = [_example_generator(cfg.seed, k) for k in ks]
-    indices, flips = [], []
-    for k, gen in zip(ks, gens, strict=True):
-        epoch, pos = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        indices.append(int(perm[pos]))
-        # drawn on both paths so the noise that follows is the same with or without the cache
-        flips.append(bool(torch.rand((), generator=gen) < cfg.random_flip))
-    valid = None  # resize-crop-pad's pasted area (no cache: config refuses the pair)
-    if "latents" in run.cache:
-        means, stds, masks = run.cache["latents"]
-        sel = torch.tensor(indices)
-        flip = torch.tensor(flips, dtype=torch.long)
-        mean, std, mask = means[sel, flip], stds[sel, flip], masks[sel, flip]
-        latents = mean + std * _randn(mean.shape, gens)
+    if run.batches is not None:
+        indices = run.batches.chunk(chunk)
+        epochs = [chunk // run.batches.chunks_per_epoch] * cfg.batch_size
     else:
-        items = []
-        for k, i in zip(ks, indices, strict=True):
-            run.dataset.set_epoch(k // n)
-            items.append(run.dataset[i])
-        pixels = torch.stack([it["pixel_values"] for it in items])
-        mask = torch.stack([it["mask"] for it in items])
-        valid = torch.stack([it["valid"] for it in items])
-        vae = run.pipe.vae
-        with torch.no_grad():
-            dist = vae.encode(pixels.to(acc.device, vae.dtype)).latent_dist
-            latents = dist.mean.float().cpu() + dist.std.float().cpu() * _randn(
-                dist.mean.shape, gens
-            )
-    latents = latents * run.pipe.vae.config.scaling_factor
-    captions = [run.dataset.examples[i].caption for i in indices]
+        epochs = [k // n for k in ks]
+        indices = [
+            _permuted(cfg.seed, epoch, n)[k % n] for k, epoch in zip(ks, epochs, strict=True)
+        ]
+    gens = [_example_generator(cfg.seed, k) for k in ks]
+    batch = _examples(run, run.dataset, "latents", indices, epochs, gens)
+    captions = batch["captions"]
     if _augments_captions(cfg):  # their own stream: the draws above stay those of plain runs
         captions = [
             augment_caption(c, _caption_rng(cfg.seed, k), shuffle=cfg.shuffle_captions,
@@ -594,6 +670,85 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
             "" if _caption_rng(cfg.seed, k, stream=2).random() < cfg.caption_dropout else c
             for c, k in zip(captions, ks, strict=True)
         ]
+    batch["captions"] = captions
+    if run.class_dataset is not None:
+        size = None if run.dataset.sizes is None else run.dataset.sizes[indices[0]]
+        batch = _with_class_examples(run, batch, ks, size)
+    return batch
+
+
+def _with_class_examples(
+    run: Run, batch: dict[str, Any], ks: range, size: tuple[int, int] | None
+) -> dict[str, Any]:
+    """``batch`` followed by one class example per global example k (an epoch-wise
+    permutation of the class images, with draws of their own), at ``size`` (None: the
+    square)."""
+    cfg, dataset = run.cfg, run.class_dataset
+    if size is not None:  # the class images at this bucket's size, made once
+        key = ("class_dataset", size)
+        if key not in run.cache:
+            run.cache[key] = ConceptDataset(
+                dataset.examples, resolution=cfg.resolution, center_crop=cfg.center_crop,
+                random_flip=cfg.random_flip, seed=cfg.seed, sizes=[size] * len(dataset),
+            )  # fmt: skip
+        dataset = run.cache[key]
+    m = len(dataset)
+    epochs = [k // m for k in ks]
+    indices = [_permuted(cfg.seed + _CLASS_STREAM, e, m)[k % m] for k, e in zip(ks, epochs, strict=True)]  # fmt: skip
+    gens = [_example_generator(cfg.seed + _CLASS_STREAM, k) for k in ks]
+    extra = _examples(run, dataset, ("class_latents", size), indices, epochs, gens)
+    joined = {key: _cat(batch[key], extra[key]) for key in ("latents", "noise", "timesteps", "mask", "valid")}  # fmt: skip
+    return {**joined, "captions": batch["captions"] + extra["captions"],
+            "prior_from": len(batch["captions"])}  # fmt: skip
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return None if a is None else torch.cat([a, b])
+
+
+_CLASS_STREAM = 0x5EED_C1A5  # the class examples' draws: another seed's would not collide
+
+
+def _examples(
+    run: Run,
+    dataset: ConceptDataset,
+    cache_key: Any,
+    indices: list[int],
+    epochs: list[int],
+    gens: list[torch.Generator],
+) -> dict[str, Any]:
+    """Examples ``indices`` of ``dataset`` (augmented as in ``epochs``) with their latents,
+    noise, timestep and captions, generator i drawing for example i. Latents come from
+    ``run.cache[cache_key]`` (made on first use) when cache_latents is on."""
+    cfg, acc = run.cfg, run.accelerator
+    # drawn on both paths so the noise that follows is the same with or without the cache
+    flips = [bool(torch.rand((), generator=gen) < cfg.random_flip) for gen in gens]
+    valid = None  # resize-crop-pad's pasted area (no cache: config refuses the pair)
+    if cfg.cache_latents:
+        if cache_key not in run.cache:
+            with torch.no_grad():
+                run.cache[cache_key] = _encode_fixed(run, dataset)
+        means, stds, masks = run.cache[cache_key]
+        pick = list(zip(indices, map(int, flips), strict=True))  # int: a bool would mask
+        mean = torch.stack([means[i][f] for i, f in pick])
+        std = torch.stack([stds[i][f] for i, f in pick])
+        mask = torch.stack([masks[i][f] for i, f in pick])
+        latents = mean + std * _randn(mean.shape, gens)
+    else:
+        items = []
+        for epoch, i in zip(epochs, indices, strict=True):
+            dataset.set_epoch(epoch)
+            items.append(dataset[i])
+        pixels = torch.stack([it["pixel_values"] for it in items])
+        mask = torch.stack([it["mask"] for it in items])
+        valid = torch.stack([it["valid"] for it in items])
+        vae = run.pipe.vae
+        with torch.no_grad():
+            dist = vae.encode(pixels.to(acc.device, vae.dtype)).latent_dist
+            latents = dist.mean.float().cpu() + dist.std.float().cpu() * _randn(
+                dist.mean.shape, gens
+            )
+    latents = latents * run.pipe.vae.config.scaling_factor
     noise = _randn(latents.shape, gens)
     if cfg.noise_offset:
         noise += cfg.noise_offset * _randn(latents.shape[:2] + (1, 1), gens)
@@ -606,8 +761,13 @@ def _batch(run: Run, micro: int) -> dict[str, Any]:
         "mask": mask,
         # the pasted area of resize-crop-pad, the loss's mask when use_masks is false
         "valid": None if cfg.augmentation == "crop" else valid,
-        "captions": captions,
+        "captions": [dataset.examples[i].caption for i in indices],
     }
+
+
+def _permuted(seed: int, epoch: int, n: int) -> list[int]:
+    """The epoch's order of the n examples."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
 
 
 def _caption_rng(seed: int, k: int, *, stream: int = 1) -> np.random.Generator:
@@ -622,9 +782,10 @@ def _randn(shape: torch.Size | tuple[int, ...], gens: list[torch.Generator]) -> 
 
 
 def _loss(run: Run, batch: dict[str, Any], *, attention: bool = True) -> torch.Tensor:
-    """Noise-prediction MSE of the batch (mask-weighted, optionally min-SNR weighted, times
-    loss_scale), plus the attention regularisation when attn_reg_weight > 0 and
-    ``attention``."""
+    """Noise-prediction MSE of the batch (mask-weighted, optionally min-SNR weighted; with
+    class examples, their mean MSE times prior_loss_weight added; times loss_scale), plus the
+    attention regularisation when attn_reg_weight > 0 and ``attention`` (class captions hold
+    no concept word, so only the concept's rows count there)."""
     cfg, device, sched = run.cfg, run.accelerator.device, run.noise_scheduler
     latents, noise = batch["latents"].to(device), batch["noise"].to(device)
     timesteps = batch["timesteps"].to(device)
@@ -641,7 +802,11 @@ def _loss(run: Run, batch: dict[str, Any], *, attention: bool = True) -> torch.T
     per_sample = per_sample_mse(pred, target, None if mask is None else mask.to(device))
     if cfg.min_snr_gamma > 0:
         per_sample = per_sample * min_snr_weight(sched, timesteps, cfg.min_snr_gamma)
-    loss = per_sample.mean() * cfg.loss_scale
+    n = batch.get("prior_from", len(per_sample))  # the class examples follow the concept's
+    loss = per_sample[:n].mean()
+    if n < len(per_sample):
+        loss = loss + cfg.prior_loss_weight * per_sample[n:].mean()
+    loss = loss * cfg.loss_scale
     if records:
         positions = word_positions(_caption_ids(run, batch["captions"]).to(device),
                                    _word_ids(run))  # fmt: skip

@@ -159,3 +159,30 @@ def test_a_nan_on_one_rank_ends_every_rank_with_exit_3_and_the_same_message(
     assert errors[0] == errors[1] and len(errors[0]) == 1
     assert "at step 2 (on rank 1 of 2)" in errors[0][0]
     assert "Traceback" not in results[0][1] + results[1][1]
+
+
+@pytest.mark.slow  # two launches of real processes: ~20 s on 2 cores
+def test_buckets_prior_and_held_out_images_work_over_two_processes(tiny_pipeline_dir, tmp_path):
+    """With buckets a batch is one bucket's chunk, numbered over ranks and micro-batches: two
+    processes at batch 1 train what one process does with grad_accum 2, class examples and
+    validation loss included."""
+    from tests.training.test_kohya_settings import _class_folder, _portraits
+
+    concept = make_concept(tmp_path / "concept", n=5)
+    _portraits(concept)
+    dogs = _class_folder(tmp_path)
+    common = ["--concept", str(concept), "--base-model", str(tiny_pipeline_dir),
+              "--resolution", "64", "--batch-size", "1", "--max-steps", "3"]  # fmt: skip
+    for setting in ("validation_seeds=[]", "buckets=true", "bucket_step=16",
+                    f"class_data={dogs}", "validation_split=0.2", "validation_loss_every=1"):  # fmt: skip
+        common += ["--set", setting]
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = _launch(1, *common, "--set", "grad_accum=2", "--output-dir", str(one))
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = _launch(2, *common, "--output-dir", str(two))
+    assert double.returncode == 0, double.stderr[-3000:]
+    a, b = load_file(str(two / "lora.safetensors")), load_file(str(one / "lora.safetensors"))
+    assert a.keys() == b.keys()
+    assert max(_relative_error(a[k], b[k]) for k in a) <= RTOL
+    val = [[r["val_loss"] for r in RunDir(d).read_metrics()] for d in (two, one)]
+    assert len(val[0]) == 3 and val[0] == pytest.approx(val[1], rel=RTOL)

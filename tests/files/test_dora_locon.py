@@ -1,0 +1,137 @@
+"""DoRA and LoCon (issue 18) in the run's files: LoRA on the ResNet convs, DoRA's magnitudes,
+written so that stock diffusers (lora.safetensors) and ComfyUI (lora_kohya.safetensors, read
+here by a re-implementation of its key map and weight rules) rebuild the trained model.
+
+ComfyUI's rules, from comfy/lora.py and comfy/weight_adapter (read for this test): a UNet
+module with a weight, diffusers name n, answers to ``lora_unet_`` + n with dots as
+underscores; a CLIP layer b's six projections (self_attn.{q,k,v,out}_proj, mlp.fc1/2) answer to
+``lora_te_text_model_encoder_layers_<b>_<name>``. A key's delta is
+alpha / rank * up.flatten(1) @ down.flatten(1), reshaped to the weight; with a ``dora_scale``
+whose first dimension is the output's, the merged weight is (W + delta) * dora_scale /
+(|W| + eps), |W| the base weight's row norms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+
+from sai_diffusion.files.lora_files import load_lora_into, save_lora
+from sai_diffusion.models.lora import add_lora
+from tests.helpers import assert_outputs_close, load_pipe, outputs
+
+LOCON = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "proj_in")
+RANK, ALPHA, TE_ALPHA = 4, 1.0, 2.0
+CLIP_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+              "mlp.fc1", "mlp.fc2")  # fmt: skip
+
+
+@dataclass
+class Saved:
+    run_dir: Path
+    reference: dict
+    dora: bool
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["locon", "locon+dora"])
+def saved(request, tiny_pipeline_dir, tmp_path_factory) -> Saved:
+    """LoRA on the attention projections, the ResNet convs and proj_in, and on the text
+    encoder; factors random, DoRA magnitudes moved off their initial norms; files saved."""
+    pipe = load_pipe(tiny_pipeline_dir)
+    add_lora(pipe.unet, pipe.text_encoder, rank=RANK, alpha=ALPHA, unet_targets=LOCON,
+             text_encoder_alpha=TE_ALPHA, use_dora=request.param)  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for model in (pipe.unet, pipe.text_encoder):
+            for name, p in model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+                elif "lora_" in name:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    run_dir = tmp_path_factory.mktemp("locon")
+    save_lora(run_dir, unet=pipe.unet, text_encoder=pipe.text_encoder, rank=RANK, alpha=ALPHA,
+              text_encoder_alpha=TE_ALPHA, metadata={})  # fmt: skip
+    return Saved(run_dir, outputs(pipe), request.param)
+
+
+def _comfy_key_map(pipe) -> dict[str, tuple[torch.nn.Module, str]]:
+    """ComfyUI's names for SD 1.5 LoRA keys -> (model, module name)."""
+    keys = {}
+    for name, module in pipe.unet.named_modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            keys["lora_unet_" + name.replace(".", "_")] = (pipe.unet, name)
+    for b in range(pipe.text_encoder.config.num_hidden_layers):
+        for name in CLIP_NAMES:
+            key = f"lora_te_text_model_encoder_layers_{b}_{name.replace('.', '_')}"
+            keys[key] = (pipe.text_encoder, f"encoder.layers.{b}.{name}")
+    return keys
+
+
+@torch.no_grad()
+def _merge_as_comfyui(pipe, tensors: dict[str, torch.Tensor]) -> set[str]:
+    """Merge a kohya file into the pipeline's weights by ComfyUI's rules; returns the keys
+    it read."""
+    key_map, used = _comfy_key_map(pipe), set()
+    for key in tensors:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        base = key[: -len(".lora_down.weight")]
+        model, name = key_map[base]  # a KeyError is ComfyUI's "lora key not loaded"
+        weight = model.get_submodule(name).weight
+        down, up = tensors[key], tensors[f"{base}.lora_up.weight"]
+        alpha = tensors[f"{base}.alpha"].item() / down.shape[0]
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * alpha
+        merged = weight + delta
+        used |= {key, f"{base}.lora_up.weight", f"{base}.alpha"}
+        if f"{base}.dora_scale" in tensors:
+            scale = tensors[f"{base}.dora_scale"]
+            assert scale.shape[0] == weight.shape[0]  # the output-axis reading
+            norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True)
+            norm = norm.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+            merged = merged * (scale / (norm + torch.finfo(weight.dtype).eps))
+            used.add(f"{base}.dora_scale")
+        weight.copy_(merged)
+    return used
+
+
+def test_the_kohya_file_rebuilds_the_model_by_comfyuis_rules(tiny_pipeline_dir, saved):
+    tensors = safetensors.torch.load_file(saved.run_dir / "lora_kohya.safetensors")
+    assert any("_resnets_0_conv1." in k and tensors[k].dim() == 4 for k in tensors)  # LoCon
+    assert any(k.endswith(".dora_scale") for k in tensors) == saved.dora
+    pipe = load_pipe(tiny_pipeline_dir)
+    before = outputs(pipe)
+    used = _merge_as_comfyui(pipe, tensors)
+    assert used == set(tensors)  # every key is one ComfyUI loads
+    assert_outputs_close(outputs(pipe), saved.reference, atol=2e-5)
+    assert (before["unet"] - saved.reference["unet"]).abs().max() > 1e-2  # not a no-op
+    if not saved.dora:  # diffusers' kohya converter reads LoCon too (it drops dora_scale keys)
+        pipe = load_pipe(tiny_pipeline_dir)
+        pipe.load_lora_weights(saved.run_dir, weight_name="lora_kohya.safetensors")
+        assert_outputs_close(outputs(pipe), saved.reference)
+
+
+def test_the_diffusers_file_loads_in_stock_diffusers_and_through_load_lora_into(
+    tiny_pipeline_dir, saved
+):
+    pipe = load_pipe(tiny_pipeline_dir)
+    pipe.load_lora_weights(saved.run_dir, weight_name="lora.safetensors")
+    got = outputs(pipe)
+    assert_outputs_close({"unet": got["unet"]}, {"unet": saved.reference["unet"]})
+    if not saved.dora:  # diffusers 0.42 drops the text encoder's DoRA magnitudes (docstring)
+        assert_outputs_close(got, saved.reference)
+    pipe = load_pipe(tiny_pipeline_dir)
+    load_lora_into(pipe, saved.run_dir)  # restores them
+    assert_outputs_close(outputs(pipe), saved.reference)
+
+
+def test_the_kohya_header_names_the_conv_and_dora_settings(saved):
+    with safetensors.safe_open(saved.run_dir / "lora_kohya.safetensors", framework="pt") as f:
+        header = f.metadata()
+    assert '"conv_dim": "4"' in header["ss_network_args"]
+    assert header["ss_network_module"] == ("lycoris.kohya" if saved.dora else "networks.lora")
+    assert ('"dora_wd": "True"' in header["ss_network_args"]) == saved.dora
