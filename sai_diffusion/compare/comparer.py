@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError, first_line
-from ..files.lora_files import read_embeddings
+from ..files.lora_files import read_embeddings, restore_text_encoder_magnitudes
 from ..files.mix_of_show import read_edlora
 from ..files.run_dir import RunInfo
 from ..models import edlora
@@ -113,6 +113,7 @@ class Comparer:
                 self.pipe.load_lora_weights(
                     run.path, weight_name=lora.name, adapter_name=self._adapters[run.name]
                 )
+            restore_text_encoder_magnitudes(self.pipe.text_encoder, lora, self._adapters[run.name])
         except Exception as e:  # diffusers/peft raise ValueError, KeyError, OSError, ...
             raise UserError(
                 f"Could not load {lora} onto the base model {run.base_model}: "

@@ -15,6 +15,11 @@ A (r, in) and B (out, r), injected by ``models.lora.add_lora`` under the adapter
 compute alpha / rank themselves); diffusers' own ``convert_state_dict_to_kohya`` writes
 alpha = rank, which mis-scales any LoRA trained with alpha != rank, so it is not used here.
 
+LoCon (LoRA on Conv2d layers) keeps peft's 4-D factors in both files, as kohya's LoCon writes
+them: down (r, in, k, k), up (out, r, 1, 1). DoRA adds each layer's trained magnitude: peft's
+``lora_magnitude_vector`` keys in the diffusers file, a ``dora_scale`` per output row in the
+kohya file (``_dora_scale``: written for ComfyUI's and Forge's reading of that layout).
+
 The diffusers file has no per-module alpha: loaders that ignore its header (ComfyUI reading
 diffusers keys, diffusers before its LoRA-metadata change) take alpha = rank, i.e. scale 1.
 So the file stores B' = (alpha / rank) B and says alpha = rank: every reading, header or not,
@@ -380,13 +385,13 @@ def load_lora_into(
     pipe.load_lora_weights(run.path, weight_name=run.lora.name, adapter_name=adapter_name)
     if adapter_name is None:  # diffusers picked "default_<i>"
         (adapter_name,) = _adapter_names(pipe) - before
-    _restore_text_encoder_magnitudes(pipe.text_encoder, run.lora, adapter_name)
+    restore_text_encoder_magnitudes(pipe.text_encoder, run.lora, adapter_name)
     pipe.set_adapters([adapter_name], adapter_weights=[weight])
     return adapter_name
 
 
 @torch.no_grad()
-def _restore_text_encoder_magnitudes(text_encoder: nn.Module, path: Path, adapter: str) -> None:
+def restore_text_encoder_magnitudes(text_encoder: nn.Module, path: Path, adapter: str) -> None:
     """Copy a DoRA file's text-encoder magnitudes into the loaded adapter.
 
     diffusers 0.42 builds the text encoder's DoRA layers but, with transformers 5's flattened

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Concept, TrainConfig
+from ..errors import UserError
 from ..fsutil import atomic_path, atomic_write_text
 from ..models.sampling import SampleSettings, generate, sampling_pipeline
 from .data import IMAGE_EXTENSIONS, Example, discover_examples
@@ -104,6 +105,11 @@ def generate_class_images(
 def class_examples(cfg: TrainConfig, concept: Concept, folder: Path) -> list[Example]:
     """The class images of ``folder`` with their captions (the class prompt where an image has
     none); the first ``num_class_images`` when it is set."""
+    if not folder.is_dir():
+        raise UserError(
+            f"class_data folder {folder} does not exist; point class_data at a folder of "
+            "class images, or set num_class_images=N to have the base model draw them there"
+        )
     examples = discover_examples(folder, token=concept.text,
                                  caption_template=class_prompt(cfg, concept))  # fmt: skip
     return examples[: cfg.num_class_images] if cfg.num_class_images > 0 else examples

@@ -197,6 +197,8 @@ def _setup_data(cfg: TrainConfig, concept: Concept) -> tuple[ConceptDataset, lis
     if cfg.validation_data:
         held_out = discover_examples(concept.folder(cfg.validation_data), token=concept.text,
                                      caption_template=concept.caption_template)  # fmt: skip
+    if cfg.class_data and cfg.num_class_images == 0:  # nothing to draw: checked before the model
+        prior.class_examples(cfg, concept, concept.folder(cfg.class_data))
     if cfg.attn_reg_weight > 0 and not any(e.mask_path for e in examples):
         raise UserError(
             f"attn_reg_weight {cfg.attn_reg_weight:g} penalises attention outside the subject "
@@ -295,9 +297,9 @@ def _setup_prior(
             f"{folder} holds {len(examples)} class images but num_class_images is "
             f"{cfg.num_class_images}; it was changed during generation, or delete it"
         )
+    # square; a bucketed run draws them at each chunk's size (_with_class_examples)
     return ConceptDataset(examples, resolution=cfg.resolution, center_crop=cfg.center_crop,
-                          random_flip=cfg.random_flip, seed=cfg.seed,
-                          sizes=_bucket_sizes(cfg, examples))  # fmt: skip
+                          random_flip=cfg.random_flip, seed=cfg.seed)  # fmt: skip
 
 
 def _adapt_model(cfg: TrainConfig, concept: Concept, pipe):
