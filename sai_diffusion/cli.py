@@ -398,6 +398,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="sampler steps (default: the concept's, or 20)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the concept's, or 6)")
     p.add_argument("--no-base", action="store_true", help="skip the base model's scores")
+    p.add_argument("--class-fidelity", action="store_true",
+                   help="miniature world: also judge the prompts with the class word (what the "
+                   "LoRA did to its class; prior preservation's measure)")  # fmt: skip
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     args = p.parse_args(argv)
     if args.steps is not None and not 1 <= args.steps <= 1000:
@@ -415,6 +418,11 @@ def eval_main(argv: list[str] | None = None) -> int:
     from .miniature.evaluate import evaluate_run, headline
 
     judged = {d: bool(c.evaluation and c.evaluation.get("object")) for d, c in runs.items()}
+    if args.class_fidelity and (args.prompts is not None or not all(judged.values())):
+        raise UserError(
+            "--class-fidelity is the judge's, for runs of miniature-world concepts scored on "
+            "their own prompts; drop --prompts, or --class-fidelity for other concepts"
+        )
     models = None
     # CLIP / DINO score every run the judge does not (another concept, or other prompts)
     if args.clip_model or args.prompts is not None or not all(judged.values()):
@@ -426,7 +434,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         if judged[run_dir] and args.prompts is None:
             report = evaluate_run(
                 Path(run_dir), seeds=args.seeds, with_base=not args.no_base, device=args.device,
-                base_cache=base_cache, alignment=models,
+                base_cache=base_cache, alignment=models, class_fidelity=args.class_fidelity,
             )  # fmt: skip
             print(json.dumps(headline(report)), flush=True)
             continue

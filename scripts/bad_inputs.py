@@ -211,8 +211,9 @@ CASES: tuple[Case, ...] = (
          _train("--set", "class_data=nodogs"), names="nodogs"),
     Case("buckets-with-paste", "config",
          "`buckets: true` beside `augmentation: resize-crop-pad`",
-         _train("--set", "buckets=true", "--set", "augmentation=resize-crop-pad",
-                "--set", "cache_latents=false"), names="buckets"),
+         _train("--set", "buckets=true", "--set", "bucket_step=8",
+                "--set", "augmentation=resize-crop-pad", "--set", "cache_latents=false"),
+         names="augmentation=resize-crop-pad"),
     # -- model: --base-model
     Case("base-missing", "model", "base model file that does not exist",
          _train("--base-model", "models/realisticVision.safetensors"),

@@ -20,6 +20,9 @@ Loops (each in its own process, one after another, so that peak memory is each l
                   text-encoder LoRA and the token vectors, the text encoder run every step
   ours-edlora     (only with --loops) the same with edlora=true: one embedding per word and
                   cross-attention layer, the text encoder run on L copies of each caption
+  ours-dora       (only with --loops) ours-sgd-sai with use_dora=true
+  ours-locon      (only with --loops) ours-sgd-sai with LoRA on the ResNet convs too
+                  (conv1, conv2, conv_shortcut)
 
 Reported per loop: median step time and steps/s over the timed steps, its ratio to the
 reference, the peak resident memory of the process while training (after the model is loaded:
@@ -46,9 +49,12 @@ import torch
 from sai_diffusion.machine import peak_memory_mb, reset_peak_memory
 
 LOOPS = ("reference", "ours-adamw", "ours-sgd-sai", "ours-no-cache", "ours-compiled",
-         "ours-te", "ours-edlora")  # fmt: skip
-# loops run only when asked (--loops): the cost of ED-LoRA's layer-wise embeddings
-EXTRA_LOOPS = ("ours-te", "ours-edlora")
+         "ours-te", "ours-edlora", "ours-dora", "ours-locon")  # fmt: skip
+# loops run only when asked (--loops): the cost of ED-LoRA's layer-wise embeddings, of DoRA
+# and of LoCon
+EXTRA_LOOPS = ("ours-te", "ours-edlora", "ours-dora", "ours-locon")
+# LoCon's targets: the attention projections and the ResNet blocks' convs
+LOCON_TARGETS = "to_q,to_k,to_v,to_out.0,conv1,conv2,conv_shortcut"
 RANK = 4
 
 
@@ -196,7 +202,11 @@ def _ours(args, device: torch.device, base: str, concept, loop: str, run_dir: Pa
                 "text_encoder_lora=false", "max_grad_norm=1.0"]  # fmt: skip
     if loop == "ours-no-cache":
         settings.append("cache_latents=false")
-    if loop in EXTRA_LOOPS:  # what Mix-of-Show trains, plain or layer-wise
+    if loop == "ours-dora":
+        settings.append("use_dora=true")
+    if loop == "ours-locon":
+        settings.append(f"lora_targets={LOCON_TARGETS}")
+    if loop in ("ours-te", "ours-edlora"):  # what Mix-of-Show trains, plain or layer-wise
         settings += ["text_encoder_lora=true", "train_embeddings=true",
                      f"edlora={'true' if loop == 'ours-edlora' else 'false'}"]  # fmt: skip
     flags = {

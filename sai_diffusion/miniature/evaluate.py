@@ -11,7 +11,12 @@ drawn on the CPU from the seed), and the judge (``judge.py``) says what each ima
   background, photo or sketch; ``world.prompt_asks`` reads that from the prompt);
 - ``base_concept_fidelity`` / ``base_prompt_fidelity``: the same for the base model without
   the LoRA, asked in its own words (``{token}`` becomes the object's name, "heart"): how much
-  of the concept the base model already had.
+  of the concept the base model already had;
+- with ``class_fidelity=True`` (``sai-eval --class-fidelity``), what the LoRA did to the
+  concept's class (DreamBooth's language drift, which prior preservation is for): the same
+  prompts with ``{token}`` read as the class word ("circle"), drawn with the LoRA and judged
+  for the class object, as ``class_fidelity`` / ``class_prompt_fidelity``, beside the base
+  model's ``base_class_fidelity`` / ``base_class_prompt_fidelity``.
 
     report = evaluate_run(Path("runs/demo/sgd-sai-lr0.1"))
     report["concept_fidelity"], report["base_concept_fidelity"]
@@ -42,6 +47,7 @@ from .judge import Judge, describe
 __all__ = ["HEADLINE", "evaluate_run", "headline", "score_images"]
 
 HEADLINE = ("concept_fidelity", "prompt_fidelity", "base_concept_fidelity", "base_prompt_fidelity")
+CLASS_HEADLINE = ("class_fidelity", "class_prompt_fidelity", "base_class_fidelity")
 
 
 def evaluate_run(
@@ -53,6 +59,7 @@ def evaluate_run(
     write: bool = True,
     base_cache: dict | None = None,
     alignment: AlignmentModels | None = None,
+    class_fidelity: bool = False,
 ) -> dict[str, Any]:
     """Score one finished run (see the module docstring); ``seeds`` default to the concept's.
 
@@ -62,11 +69,17 @@ def evaluate_run(
 
     Raises:
         UserError: not a finished run, or its concept is not a miniature-world concept (no
-            ``evaluation`` section naming a world object).
+            ``evaluation`` section naming a world object), or ``class_fidelity`` for a class
+            word that is not a world object.
     """
     run = RunDir(run_dir)
     _, concept, _ = run.read_config()
     obj = judged_object(concept, run_dir=run.path)
+    if class_fidelity and concept.class_text not in world.OBJECTS:
+        raise UserError(
+            f"{run_dir}: --class-fidelity judges the class word, and {concept.class_text!r} "
+            f"(class_word of {concept.path}) is not a world object ({', '.join(world.OBJECTS)})"
+        )
     spec = concept.evaluation
     info = load_run_info(run.path)
     if not info.has_lora:
@@ -108,6 +121,9 @@ def evaluate_run(
         base_cache[base_key] = [base_images for _, _, base_images in rows]
 
     report = score_images(judge, obj, rows)
+    if class_fidelity:
+        report |= _class_scores(judge, comparer, generate, spec["prompts"], concept.class_text,
+                                with_base=with_base)  # fmt: skip
     if alignment is not None:  # the same images, kept and scored by CLIP / DINO too
         kept = keep_images(info.files, rows, seeds)
         report |= alignment_scores(alignment, kept, training_images(concept, run), obj)
@@ -129,6 +145,28 @@ def evaluate_run(
     if write:
         run.write_scores(report)
     return report
+
+
+def _class_scores(judge, comparer, generate, prompts, word: str, *, with_base: bool) -> dict:
+    """The run's (and the base model's) fidelity to the class ``word`` on ``prompts``."""
+    rows = []
+    for prompt in prompts:
+        text = prompt.replace("{token}", word)
+        with comparer.active(comparer.runs[0].name):
+            images = generate(text)
+        base_images = None
+        if with_base:
+            with comparer.active(None):
+                base_images = generate(text)
+        rows.append((prompt, images, base_images))
+    scores = score_images(judge, word, rows)
+    return {
+        "class_object": word,
+        "class_fidelity": scores["concept_fidelity"],
+        "class_prompt_fidelity": scores["prompt_fidelity"],
+        "base_class_fidelity": scores["base_concept_fidelity"],
+        "base_class_prompt_fidelity": scores["base_prompt_fidelity"],
+    }
 
 
 def score_images(judge, obj: str, rows: Sequence[tuple[str, list, list | None]]) -> dict[str, Any]:
@@ -181,4 +219,6 @@ def _share(part: int, whole: int) -> float:
 def headline(report: dict[str, Any]) -> dict[str, Any]:
     """The one-line summary ``sai-eval`` prints (with CLIP / DINO figures when scored)."""
     keys = ("run", "concept", "object", *HEADLINE, "images")
-    return {**{k: report.get(k) for k in keys}, **alignment_headline(report)}
+    line = {k: report.get(k) for k in keys}
+    line |= {k: report[k] for k in CLASS_HEADLINE if k in report}
+    return {**line, **alignment_headline(report)}

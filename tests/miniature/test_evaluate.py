@@ -21,7 +21,7 @@ from sai_diffusion import config
 from sai_diffusion.errors import UserError
 from sai_diffusion.miniature import evaluate, miniature_dir, world
 from sai_diffusion.miniature.concept import judged_object
-from sai_diffusion.miniature.evaluate import HEADLINE, evaluate_run, score_images
+from sai_diffusion.miniature.evaluate import HEADLINE, evaluate_run, headline, score_images
 from sai_diffusion.miniature.judge import Judge
 from sai_diffusion.miniature.model import generate_images
 from sai_diffusion.models.base import load_base_model
@@ -331,3 +331,22 @@ def test_a_miniature_run_gains_the_clip_figures_when_a_clip_model_is_given(
         assert isinstance(report[key], float), key
     assert report["alignment"]["text"] == "the prompt with {token} read as 'heart'"
     assert len(list((run / "eval").glob("p*-s0.png"))) == len(report["per_prompt"])
+
+
+def test_class_fidelity_judges_the_prompts_with_the_class_word(demo_run, capsys):
+    """The demo's class word is "circle": the base model draws circles when asked for them
+    and no hearts, so its class figure is far above its concept figure."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = evaluate_run(demo_run, seeds=[3, 4], write=False, class_fidelity=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert report["class_object"] == "circle"
+    assert report["base_class_fidelity"] >= 0.5 > report["base_concept_fidelity"]
+    assert 0 <= report["class_prompt_fidelity"] <= report["class_fidelity"] <= 1
+    assert {"class_fidelity", "base_class_fidelity"} <= set(headline(report))
+    # the judge's own prompts only: another prompt set is refused with one line
+    assert cli_module._run(cli_module.eval_main, [str(demo_run), "--class-fidelity",
+                                                  "--prompts", "person"]) == 2  # fmt: skip
+    assert "--class-fidelity" in capsys.readouterr().err
