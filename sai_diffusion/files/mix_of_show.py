@@ -120,7 +120,7 @@ def mix_of_show_params(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
             raise UserError(
                 f"{run.lora} holds {what} layers ({key}); Mix-of-Show's loader merges plain "
                 "LoRA on Linear layers only. Export a run trained without them, or use its "
-                "lora_kohya.safetensors in ComfyUI"
+                f"{run.kohya.name} in ComfyUI"
             )
         prefix, _, name = key.partition(".")
         down, up = _LORA_SUFFIXES.get(prefix, ("", ""))
