@@ -65,10 +65,15 @@ def class_folder(cfg: TrainConfig, concept: Concept, base_fingerprint: str) -> P
     return cache_root() / "class-images" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _image_dir(folder: Path) -> Path:
+    """Where a class folder's images are: its image/ in the Mix-of-Show layout."""
+    return folder / "image" if (folder / "image").is_dir() else folder
+
+
 def _images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
+    images = _image_dir(folder)
+    if not images.is_dir():
         return []
-    images = folder / "image" if (folder / "image").is_dir() else folder
     return sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
                   and not p.name.startswith("."))  # fmt: skip
 
@@ -83,11 +88,12 @@ def generate_class_images(
     if missing <= 0:
         return 0
     folder.mkdir(parents=True, exist_ok=True)
+    images = _image_dir(folder)
     sampler = sampling_pipeline(pipe)
     drawn, seed = 0, 0
     with tqdm(total=missing, desc=f"class images ({prompt!r})", unit="image") as bar:
         while drawn < missing:
-            path = folder / CLASS_IMAGE.format(seed)
+            path = images / CLASS_IMAGE.format(seed)
             if not path.exists():
                 image = generate(sampler, prompt, seed, sample)
                 with atomic_path(path) as tmp:

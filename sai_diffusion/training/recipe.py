@@ -277,12 +277,13 @@ def _load_model(cfg: TrainConfig, accelerator: Accelerator):
 def _setup_prior(
     cfg: TrainConfig, concept: Concept, pipe, accelerator: Accelerator, fingerprint: str
 ) -> ConceptDataset | None:
-    """Prior preservation's class images as a dataset (None when off); the main process
-    first draws the missing ones with the base model, the others wait for it."""
+    """Prior preservation's class images as a dataset (None when off); each machine's main
+    process first draws the missing ones with the base model, the others wait for it."""
     if not prior.uses_prior(cfg):
         return None
     folder = prior.class_folder(cfg, concept, fingerprint)
-    if cfg.num_class_images > 0 and accelerator.is_main_process:
+    # one drawer per machine: the cache may be local (each draws the same images, seed by seed)
+    if cfg.num_class_images > 0 and accelerator.is_local_main_process:
         prompt = prior.class_prompt(cfg, concept)
         with accelerator.autocast():
             drawn = prior.generate_class_images(pipe, folder, prompt=prompt,

@@ -108,6 +108,13 @@ def test_class_images_are_drawn_once_per_base_and_prompt(tiny_pipeline_dir, tmp_
     filled = _setup(concept, tiny_pipeline_dir, tmp_path / "d", f"class_data={dogs}",
                     "num_class_images=3", "sample_steps=2")  # fmt: skip
     assert len(filled.class_dataset) == 3 and (dogs / "class-00001.png").is_file()
+    # in the Mix-of-Show layout the drawn images go beside the others, in image/
+    cats = _class_folder(tmp_path / "mix", n=1)
+    (cats / "image").mkdir()
+    (cats / "dog0.png").rename(cats / "image" / "dog0.png")
+    mixed = _setup(concept, tiny_pipeline_dir, tmp_path / "e", f"class_data={cats}",
+                   "num_class_images=2", "sample_steps=2")  # fmt: skip
+    assert len(mixed.class_dataset) == 2 and (cats / "image" / "class-00000.png").is_file()
 
 
 def test_prior_adds_class_examples_with_their_own_draws_and_weighted_loss(
