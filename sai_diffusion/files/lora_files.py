@@ -154,18 +154,17 @@ def _training_header(
 
 
 def _network_args(modules: list[_Factors], rank: int, alpha: float) -> dict[str, str]:
-    """kohya's ``ss_network_args`` for conv layers (``conv_dim``, ``conv_alpha``) and DoRA
-    (LyCORIS's ``dora_wd`` on the output axis, its module named as LyCORIS names it)."""
-    args: dict[str, str] = {}
-    if any(f.down.dim() == 4 for f in modules):
-        args |= {"conv_dim": str(int(rank)), "conv_alpha": f"{alpha:g}"}
+    """kohya's ``ss_network_args`` for conv layers (``conv_dim``, ``conv_alpha``), and for DoRA
+    how ``dora_scale`` is meant. Not LyCORIS's ``dora_wd``: its own merge divides by the norms
+    of W + dW, which would read these values wrongly."""
     header = {}
+    if any(f.down.dim() == 4 for f in modules):
+        header["ss_network_args"] = json.dumps({"conv_dim": str(int(rank)),
+                                                "conv_alpha": f"{alpha:g}"})  # fmt: skip
     if any(f.magnitude is not None for f in modules):
-        args |= {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
-        header["ss_network_module"] = "lycoris.kohya"
-        header["sai_dora_scale"] = "m * |W| / |W + dW| per output row (ComfyUI's reading)"
-    if args:
-        header["ss_network_args"] = json.dumps(args)
+        header["sai_dora_scale"] = (
+            "m * |W| / |W + dW| per output row: ComfyUI's and Forge's reading of dora_scale"
+        )
     return header
 
 

@@ -10,13 +10,23 @@ every spatial size add up (Mix-of-Show's ``cal_attn_reg`` with ``reg_full_identi
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 
 from .loss import downsample_mask
+
+
+def _level_size(latent_hw: tuple[int, int], queries: int) -> tuple[int, int]:
+    """The (h, w) grid of the UNet level with ``queries`` cells: each downsampling (a stride-2
+    conv, padding 1) takes h to ceil(h / 2), which a non-square grid needs exactly."""
+    h, w = latent_hw
+    while h * w > queries:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != queries:
+        raise ValueError(f"no UNet level of a {latent_hw} latent has {queries} cells")
+    return h, w
 
 
 def word_positions(ids: torch.Tensor, word_ids: list[int]) -> torch.Tensor:
@@ -47,8 +57,7 @@ def attention_penalty(
     cells = downsample_mask(mask.float(), latent_hw)  # (B, 1, h, w): share inside the mask
     total = positions.new_zeros((), dtype=torch.float32)
     for queries, maps in by_size.items():
-        factor = math.sqrt(latent_hw[0] * latent_hw[1] / queries)
-        hw = (round(latent_hw[0] / factor), round(latent_hw[1] / factor))
+        hw = _level_size(latent_hw, queries)
         mean = torch.cat(maps, dim=1).float().mean(1)  # (B, Q, T), over the heads of all layers
         outside = F.interpolate(cells, size=hw, mode="nearest").flatten(1) == 0  # (B, Q)
         for j in range(positions.shape[1]):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,8 +135,8 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     ):
         accelerator.print(
             f"note: {cfg.optimizer} preconditions the LoRA pairs of Linear layers (peft's "
-            "create_riemannian_optimizer); those of the conv layers (LoCon) take its base "
-            "optimizer's plain steps"
+            "create_riemannian_optimizer); those of the conv layers (LoCon), like DoRA's "
+            "magnitudes, take its base optimizer's plain steps"
         )
 
     # accelerate wraps the trained modules (DDP across GPUs) and the optimizer (GradScaler).
@@ -197,7 +198,9 @@ def _setup_data(cfg: TrainConfig, concept: Concept) -> tuple[ConceptDataset, lis
     if cfg.validation_data:
         held_out = discover_examples(concept.folder(cfg.validation_data), token=concept.text,
                                      caption_template=concept.caption_template)  # fmt: skip
-    if cfg.class_data and cfg.num_class_images == 0:  # nothing to draw: checked before the model
+    if prior.uses_prior(cfg):  # checked before the model loads
+        prior.class_prompt(cfg, concept)
+    if cfg.class_data and cfg.num_class_images == 0:  # nothing to draw: the folder must be good
         prior.class_examples(cfg, concept, concept.folder(cfg.class_data))
     if cfg.attn_reg_weight > 0 and not any(e.mask_path for e in examples):
         raise UserError(
@@ -277,21 +280,23 @@ def _load_model(cfg: TrainConfig, accelerator: Accelerator):
 def _setup_prior(
     cfg: TrainConfig, concept: Concept, pipe, accelerator: Accelerator, fingerprint: str
 ) -> ConceptDataset | None:
-    """Prior preservation's class images as a dataset (None when off); each machine's main
-    process first draws the missing ones with the base model, the others wait for it."""
+    """Prior preservation's class images as a dataset (None when off), the missing ones first
+    drawn by the base model, each machine's processes sharing the seeds."""
     if not prior.uses_prior(cfg):
         return None
     folder = prior.class_folder(cfg, concept, fingerprint)
-    # one drawer per machine: the cache may be local (each draws the same images, seed by seed)
-    if cfg.num_class_images > 0 and accelerator.is_local_main_process:
-        prompt = prior.class_prompt(cfg, concept)
+    if cfg.num_class_images > 0:
+        # every machine fills its folder (the cache may be local), its processes sharing seeds
+        seeds = prior.missing_seeds(folder, cfg.num_class_images)
+        accelerator.wait_for_everyone()  # every process has listed them before any draws
+        index, count = _local_share(accelerator)
         with accelerator.autocast():
-            drawn = prior.generate_class_images(pipe, folder, prompt=prompt,
-                                                count=cfg.num_class_images,
-                                                sample=prior.settings(cfg),
-                                                base=str(cfg.base_model))  # fmt: skip
-        accelerator.print(f"class images: {folder} ({drawn} drawn now)")
-    accelerator.wait_for_everyone()
+            prior.generate_class_images(pipe, folder, seeds[index::count],
+                                        prompt=prior.class_prompt(cfg, concept),
+                                        sample=prior.settings(cfg), base=str(cfg.base_model),
+                                        progress=accelerator.is_local_main_process)  # fmt: skip
+        accelerator.print(f"class images: {folder} ({len(seeds)} drawn now)")
+        accelerator.wait_for_everyone()
     examples = prior.class_examples(cfg, concept, folder)
     if cfg.num_class_images > len(examples):
         raise UserError(
@@ -301,6 +306,12 @@ def _setup_prior(
     # square; a bucketed run draws them at each chunk's size (_with_class_examples)
     return ConceptDataset(examples, resolution=cfg.resolution, center_crop=cfg.center_crop,
                           random_flip=cfg.random_flip, seed=cfg.seed)  # fmt: skip
+
+
+def _local_share(accelerator: Accelerator) -> tuple[int, int]:
+    """(this process's index on its machine, the machine's process count)."""
+    count = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return accelerator.local_process_index, max(1, count)
 
 
 def _adapt_model(cfg: TrainConfig, concept: Concept, pipe):
@@ -462,7 +473,7 @@ def validation_loss(run: Run) -> float:
     timesteps = validation_timesteps(run.noise_scheduler.config.num_train_timesteps)
     n = len(timesteps)
     losses = []
-    with _eval_mode(run.unet, run.text_encoder):
+    with run.accelerator.autocast(), _eval_mode(run.unet, run.text_encoder):
         for i, item in enumerate(run.cache["validation"]):
             latents = item["latents"].expand(n, *item["latents"].shape[1:])
             batch = {

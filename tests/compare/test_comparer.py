@@ -318,3 +318,8 @@ def test_a_dora_run_with_text_encoder_lora_draws_as_load_lora_into_loads_it(
     prompt = PROMPT.format(token="<Vthing>")
     want = pixels(generate(sampling_pipeline(pipe), prompt, SEEDS[0], settings))
     assert [pixels(i) for i in images["dora"]] == [want]
+    # and the magnitudes matter here: stock diffusers alone draws another image
+    stock = load_base_model(tiny_pipeline_dir)
+    stock.load_textual_inversion(str(run / "embeddings.safetensors"), token="<Vthing>")
+    stock.load_lora_weights(run, weight_name="lora.safetensors")
+    assert pixels(generate(sampling_pipeline(stock), prompt, SEEDS[0], settings)) != want

@@ -13,6 +13,7 @@ whose first dimension is the output's, the merged weight is (W + delta) * dora_s
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,9 +130,9 @@ def test_the_diffusers_file_loads_in_stock_diffusers_and_through_load_lora_into(
     assert_outputs_close(outputs(pipe), saved.reference)
 
 
-def test_the_kohya_header_names_the_conv_and_dora_settings(saved):
+def test_the_kohya_header_names_the_conv_settings_and_the_dora_reading(saved):
     with safetensors.safe_open(saved.run_dir / "lora_kohya.safetensors", framework="pt") as f:
         header = f.metadata()
-    assert '"conv_dim": "4"' in header["ss_network_args"]
-    assert header["ss_network_module"] == ("lycoris.kohya" if saved.dora else "networks.lora")
-    assert ('"dora_wd": "True"' in header["ss_network_args"]) == saved.dora
+    assert json.loads(header["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "1"}
+    assert header["ss_network_module"] == "networks.lora"  # not LyCORIS: see _network_args
+    assert ("ComfyUI" in header.get("sai_dora_scale", "")) == saved.dora

@@ -170,17 +170,22 @@ def test_buckets_prior_and_held_out_images_work_over_two_processes(tiny_pipeline
 
     concept = make_concept(tmp_path / "concept", n=5)
     _portraits(concept)
-    dogs = _class_folder(tmp_path)
+    dogs = _class_folder(tmp_path, n=1)  # and 3 more drawn by the base model
     common = ["--concept", str(concept), "--base-model", str(tiny_pipeline_dir),
               "--resolution", "64", "--batch-size", "1", "--max-steps", "3"]  # fmt: skip
-    for setting in ("validation_seeds=[]", "buckets=true", "bucket_step=16",
-                    f"class_data={dogs}", "validation_split=0.2", "validation_loss_every=1"):  # fmt: skip
+    for setting in ("validation_seeds=[]", "buckets=true", "bucket_step=16", "sample_steps=2",
+                    f"class_data={dogs}", "num_class_images=4", "validation_split=0.2",
+                    "validation_loss_every=1"):  # fmt: skip
         common += ["--set", setting]
     one, two = tmp_path / "one", tmp_path / "two"
-    single = _launch(1, *common, "--set", "grad_accum=2", "--output-dir", str(one))
-    assert single.returncode == 0, single.stderr[-3000:]
+    # the two processes draw the class images first, two seeds each
     double = _launch(2, *common, "--output-dir", str(two))
     assert double.returncode == 0, double.stderr[-3000:]
+    assert sorted(p.name for p in dogs.glob("class-*.png")) == [
+        f"class-0000{i}.png" for i in range(3)
+    ]
+    single = _launch(1, *common, "--set", "grad_accum=2", "--output-dir", str(one))
+    assert single.returncode == 0, single.stderr[-3000:]
     a, b = load_file(str(two / "lora.safetensors")), load_file(str(one / "lora.safetensors"))
     assert a.keys() == b.keys()
     assert max(_relative_error(a[k], b[k]) for k in a) <= RTOL

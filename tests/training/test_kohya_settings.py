@@ -117,6 +117,21 @@ def test_class_images_are_drawn_once_per_base_and_prompt(tiny_pipeline_dir, tmp_
     assert len(mixed.class_dataset) == 2 and (cats / "image" / "class-00000.png").is_file()
 
 
+def test_a_class_prompt_is_checked_before_the_model_loads(tiny_pipeline_dir, tmp_path):
+    concept = make_concept(tmp_path / "c", n=2)
+    dogs = _class_folder(tmp_path)
+    random_word = concept.read_text().replace("class_word: dog", "class_word: <rand-0.01>")
+    (tmp_path / "c" / "rand.yaml").write_text(random_word)
+    flags = {"base_model": str(tmp_path / "no-model-needed"), "resolution": 64}
+    for yaml_file, settings, message in [
+        (tmp_path / "c" / "rand.yaml", [f"class_data={dogs}"], "names no class; set class_prompt"),
+        (concept, [f"class_data={dogs}", "class_prompt=a {dog}"], "holds braces"),
+    ]:
+        cfg, c = config.resolve(str(yaml_file), flags, settings)
+        with pytest.raises(UserError, match=message):
+            recipe._setup_data(cfg, c)
+
+
 def test_prior_adds_class_examples_with_their_own_draws_and_weighted_loss(
     tiny_pipeline_dir, tmp_path
 ):
@@ -169,19 +184,22 @@ def test_a_dora_locon_run_trains_its_magnitudes_and_its_files_load(
         export_mix_of_show(out, tmp_path / "x.pth")
     capsys.readouterr()
     _setup(concept, tiny_pipeline_dir, tmp_path / "s", "optimizer=scaled-adamw", LOCON)
-    assert "those of the conv layers (LoCon) take" in capsys.readouterr().out
+    assert (
+        "those of the conv layers (LoCon), like DoRA's magnitudes, take" in capsys.readouterr().out
+    )
 
 
 # ------------------------------------------------------------------------------- resume
-@pytest.mark.slow  # three training processes: ~25 s
-def test_a_run_with_every_kohya_setting_resumes_bitwise(tiny_pipeline_dir, tmp_path):
+@pytest.mark.slow  # three training processes: ~10 s each way
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_a_run_with_every_kohya_setting_resumes_bitwise(cache, tiny_pipeline_dir, tmp_path):
     concept = make_concept(tmp_path / "c", n=5)
     _portraits(concept)
     dogs = _class_folder(tmp_path)
     common = ["--concept", str(concept), "--base-model", str(tiny_pipeline_dir), "--resolution",
               "64", "--batch-size", "2", "--checkpoint-every", "2"]  # fmt: skip
     for setting in ("validation_seeds=[]", "buckets=true", "bucket_step=16",
-                    "cache_latents=false", f"class_data={dogs}", "use_dora=true", LOCON,
+                    f"cache_latents={cache}", f"class_data={dogs}", "use_dora=true", LOCON,
                     "validation_split=0.2", "validation_loss_every=1", "ema_decay=0.9"):  # fmt: skip
         common += ["--set", setting]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
@@ -195,3 +213,18 @@ def test_a_run_with_every_kohya_setting_resumes_bitwise(tiny_pipeline_dir, tmp_p
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
     val = [[r["val_loss"] for r in RunDir(d).read_metrics()] for d in (whole, cut)]
     assert val[0] == val[1] and len(val[0]) == 4
+
+
+def test_attention_maps_of_any_bucket_are_placed_on_their_true_grid():
+    """The attention penalty finds each UNet level's grid from its cell count; for a bucket of
+    SD 1.5 at bucket_step 8 (a 127 x 34 latent) the rounding of a square-root ratio is off by
+    one where stride-2 convs are not."""
+    from sai_diffusion.training.attention import _level_size
+
+    weight = torch.zeros(1, 1, 3, 3)
+    for latent in [(127, 34), (62, 17), (40, 24), (64, 64), (8, 128)]:
+        x = torch.zeros(1, 1, *latent)
+        for _ in range(3):  # SD 1.5's three downsamplings
+            x = torch.nn.functional.conv2d(x, weight, stride=2, padding=1)
+            h, w = x.shape[-2:]
+            assert _level_size(latent, h * w) == (h, w), latent
