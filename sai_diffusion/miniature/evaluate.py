@@ -106,24 +106,16 @@ def evaluate_run(
             spec["guidance"], info.resolution, str(comparer.pipe.device),
         )  # fmt: skip
     cached = base_cache.get(base_key) if base_key is not None else None
-    rows = []
-    for i, prompt in enumerate(spec["prompts"]):
-        with comparer.active(comparer.runs[0].name):
-            images = generate(prompt.replace("{token}", concept.text))
-        base_images = None
-        if cached is not None:
-            base_images = cached[i]
-        elif with_base:
-            with comparer.active(None):
-                base_images = generate(prompt.replace("{token}", obj))
-        rows.append((prompt, images, base_images))
+    rows = _rows(comparer, generate, spec["prompts"], concept.text,
+                 obj if with_base else None, cached)  # fmt: skip
     if base_key is not None and cached is None:
         base_cache[base_key] = [base_images for _, _, base_images in rows]
 
     report = score_images(judge, obj, rows)
-    if class_fidelity:
-        report |= _class_scores(judge, comparer, generate, spec["prompts"], concept.class_text,
-                                with_base=with_base)  # fmt: skip
+    if class_fidelity:  # the class word, for the LoRA and the base model alike
+        word = concept.class_text
+        class_rows = _rows(comparer, generate, spec["prompts"], word, word if with_base else None)
+        report |= _class_scores(score_images(judge, word, class_rows), word)
     if alignment is not None:  # the same images, kept and scored by CLIP / DINO too
         kept = keep_images(info.files, rows, seeds)
         report |= alignment_scores(alignment, kept, training_images(concept, run), obj)
@@ -147,19 +139,26 @@ def evaluate_run(
     return report
 
 
-def _class_scores(judge, comparer, generate, prompts, word: str, *, with_base: bool) -> dict:
-    """The run's (and the base model's) fidelity to the class ``word`` on ``prompts``."""
+def _rows(comparer, generate, prompts, run_word: str, base_word: str | None, cached=None):
+    """``(prompt, images, base_images)`` per prompt: the run's images with ``{token}`` read as
+    ``run_word``, the base model's with ``base_word`` (``cached[i]`` when given; None when
+    ``base_word`` is None)."""
     rows = []
-    for prompt in prompts:
-        text = prompt.replace("{token}", word)
+    for i, prompt in enumerate(prompts):
         with comparer.active(comparer.runs[0].name):
-            images = generate(text)
+            images = generate(prompt.replace("{token}", run_word))
         base_images = None
-        if with_base:
+        if cached is not None:
+            base_images = cached[i]
+        elif base_word is not None:
             with comparer.active(None):
-                base_images = generate(text)
+                base_images = generate(prompt.replace("{token}", base_word))
         rows.append((prompt, images, base_images))
-    scores = score_images(judge, word, rows)
+    return rows
+
+
+def _class_scores(scores: dict, word: str) -> dict:
+    """``score_images``' figures for the class ``word``, under their class_* names."""
     return {
         "class_object": word,
         "class_fidelity": scores["concept_fidelity"],

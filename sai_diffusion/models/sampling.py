@@ -18,6 +18,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from ..config import TrainConfig
 from ..files.run_dir import sample_name, write_prompts
 from ..fsutil import atomic_path
 from .edlora import encode_layerwise, layer_words, spread
@@ -32,6 +33,14 @@ class SampleSettings:
     negative_prompt: str | None = None
     height: int = 512
     width: int = 512
+
+    @classmethod
+    def of_run(cls, cfg: TrainConfig) -> SampleSettings:
+        """A training run's sampling (validation samples, class images): its sample_steps,
+        guidance_scale and negative_prompt, at its resolution."""
+        return cls(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+                   negative_prompt=cfg.negative_prompt, height=cfg.resolution,
+                   width=cfg.resolution)  # fmt: skip
 
 
 def sampling_pipeline(pipe: StableDiffusionPipeline, **modules) -> StableDiffusionPipeline:

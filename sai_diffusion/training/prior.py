@@ -64,22 +64,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("SAI_CACHE_DIR") or Path.home() / ".cache" / "sai-diffusion")
 
 
-def settings(cfg: TrainConfig) -> SampleSettings:
-    return SampleSettings(
-        steps=cfg.sample_steps,
-        guidance_scale=cfg.guidance_scale,
-        negative_prompt=cfg.negative_prompt,
-        height=cfg.resolution,
-        width=cfg.resolution,
-    )
-
-
 def class_folder(cfg: TrainConfig, concept: Concept, base_fingerprint: str) -> Path:
     """Where the class images are: ``class_data``, or the cache folder of (base model, prompt,
     sampling settings, precision)."""
     if cfg.class_data:
         return concept.folder(cfg.class_data)
-    s = settings(cfg)
+    s = SampleSettings.of_run(cfg)
     key = json.dumps([base_fingerprint, class_prompt(cfg, concept), s.height, s.width, s.steps,
                       s.guidance_scale, s.negative_prompt, cfg.mixed_precision])  # fmt: skip
     return cache_root() / "class-images" / hashlib.sha256(key.encode()).hexdigest()[:16]

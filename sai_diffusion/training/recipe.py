@@ -293,7 +293,8 @@ def _setup_prior(
         with accelerator.autocast():
             prior.generate_class_images(pipe, folder, seeds[index::count],
                                         prompt=prior.class_prompt(cfg, concept),
-                                        sample=prior.settings(cfg), base=str(cfg.base_model),
+                                        sample=SampleSettings.of_run(cfg),
+                                        base=str(cfg.base_model),
                                         progress=accelerator.is_local_main_process)  # fmt: skip
         accelerator.print(f"class images: {folder} ({len(seeds)} drawn now)")
         accelerator.wait_for_everyone()
@@ -450,18 +451,12 @@ def _encode_fixed(run: Run, dataset: ConceptDataset) -> tuple[list, list, list]:
 def _validation_latents(run: Run) -> list[dict[str, Any]]:
     """Per held-out image: its latents (1, 4, h, w) (the posterior mean of the centre crop,
     at its bucket's size with buckets=true; scaled), mask (1, 1, H, W) and caption."""
-    vae = run.pipe.vae
-    fixed = ConceptDataset(run.held_out, resolution=run.cfg.resolution, center_crop=True,
-                           random_flip=0.0, seed=run.cfg.seed,
-                           sizes=_bucket_sizes(run.cfg, run.held_out))  # fmt: skip
-    out = []
-    for i in range(len(fixed)):
-        item = fixed[i]
-        pixels = item["pixel_values"][None].to(run.accelerator.device, vae.dtype)
-        latents = vae.encode(pixels).latent_dist.mean.float().cpu()
-        out.append({"latents": latents * vae.config.scaling_factor, "mask": item["mask"][None],
-                    "caption": item["caption"]})  # fmt: skip
-    return out
+    held_out = ConceptDataset(run.held_out, resolution=run.cfg.resolution, seed=run.cfg.seed,
+                              sizes=_bucket_sizes(run.cfg, run.held_out))  # fmt: skip
+    means, _, masks = _encode_fixed(run, held_out)
+    scale = run.pipe.vae.config.scaling_factor
+    return [{"latents": mean[:1] * scale, "mask": mask[:1], "caption": example.caption}
+            for mean, mask, example in zip(means, masks, run.held_out, strict=True)]  # fmt: skip
 
 
 @torch.no_grad()
@@ -912,13 +907,7 @@ def validate_samples(run: Run, tag: str | None = None) -> list[Path]:
         text_encoder=_plain(run, run.text_encoder),
         unet=_plain(run, run.unet),
     )
-    settings = SampleSettings(
-        steps=cfg.sample_steps,
-        guidance_scale=cfg.guidance_scale,
-        negative_prompt=cfg.negative_prompt,
-        height=cfg.resolution,
-        width=cfg.resolution,
-    )
+    settings = SampleSettings.of_run(cfg)
     out = run.run_dir.samples(tag or step_tag(run.step))
     with run.accelerator.autocast(), _eval_mode(pipe.unet, pipe.text_encoder):
         return write_samples(pipe, run.concept.prompts(), cfg.validation_seeds, settings, out)
