@@ -34,6 +34,12 @@ def sd15_config_dir() -> Path:
     return configs_dir() / "sd15"
 
 
+def miniature_dir() -> Path:
+    """The shipped miniature model folder, ``configs/miniature``: the base model named
+    ``miniature`` (may not exist in a checkout that has not run ``scripts/pretrain_world.py``)."""
+    return configs_dir() / "miniature"
+
+
 def app_dir() -> Path:
     """The Gradio app's folder (``app/``): the checkout's if present, else the wheel's copy.
 

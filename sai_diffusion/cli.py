@@ -10,7 +10,6 @@ answer at once.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import importlib
 import importlib.util
@@ -22,7 +21,7 @@ from pathlib import Path
 from . import config
 from ._resources import app_dir
 from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, TrainingDiverged, UserError
-from .files.run_dir import EVAL_FILE, RUN_FILE, RunDir, latest_run
+from .files.run_dir import EVAL_FILE, RUN_FILE, RunDir
 from .optim import OPTIMIZERS
 
 # full disk, quota, read-only filesystem, file too large, no permission
@@ -104,13 +103,10 @@ def train_main(argv: list[str] | None = None) -> int:
         "checkpoint_every": args.checkpoint_every,
     }
     if args.resume:
-        run_dir = _resume_dir(args.resume, args.output_dir)
-        run = RunDir(run_dir)
-        cfg, concept, _ = run.read_config()
-        _check_resume_settings(run, cfg, concept, args.concept, flags, args.set_items)
-        if args.max_steps is not None:
-            cfg.max_steps = args.max_steps
-        config.validate(cfg, str(run.run_yaml))
+        from .training.resume import resume_dir, resumed_settings  # no torch
+
+        run_dir = resume_dir(args.resume, args.output_dir)
+        cfg, concept = resumed_settings(RunDir(run_dir), args.concept, flags, args.set_items)
         from .training.recipe import run_training  # torch: only once the settings are good
 
         run_training(cfg, concept, run_dir, resume=True)
@@ -137,50 +133,6 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check_resume_settings(
-    run: RunDir,
-    cfg: config.TrainConfig,
-    concept: config.Concept,
-    concept_arg: str | None,
-    flags: dict[str, object],
-    set_items: list[str],
-) -> None:
-    """``--resume`` appended to the command that started the run is accepted (what people
-    type after a crash); a setting that differs from run.yaml is refused, naming both values.
-    Only the length (``--max-steps``) may change."""
-    differ = []
-    if concept_arg:  # the concept file as it is now against the one the run started from
-        named = config.load_concept(concept_arg)
-        if named.path != concept.path:
-            differ.append(f"concept: {concept.path} in {RUN_FILE}, {named.path} given")
-        for key in sorted(set(named.train) | set(concept.train)):
-            if named.train.get(key) != concept.train.get(key):
-                differ.append(
-                    f"{named.path.name} train.{key}: {concept.train.get(key)!r} when the run "
-                    f"started, {named.train.get(key)!r} now"
-                )
-    # what the command says itself: its flags and --set
-    given: dict[str, object] = {k: v for k, v in flags.items() if v is not None}
-    given |= config.parse_set(set_items)
-    given.pop("max_steps", None)
-    probe = config.apply_overrides(dataclasses.replace(cfg), given, "command line")
-
-    def value(c: config.TrainConfig, key: str) -> object:  # lr: the one the run trains at
-        return c.resolved_lr(concept) if key == "lr" else getattr(c, key)
-
-    differ += [
-        f"{key}: {value(cfg, key)!r} in {RUN_FILE}, {value(probe, key)!r} given"
-        for key in given
-        if value(probe, key) != value(cfg, key)
-    ]
-    if differ:
-        raise UserError(
-            f"--resume {run.path}: the command differs from the run's {RUN_FILE} "
-            f"({'; '.join(differ)}); a resumed run keeps its settings (only --max-steps may "
-            "change): drop these, or start a new run in another --output-dir"
-        )
-
-
 def _check_judged_object(concept: config.Concept) -> None:
     """A miniature-world concept names the object its judge looks for: check it before
     training, not when sai-eval runs."""
@@ -188,24 +140,6 @@ def _check_judged_object(concept: config.Concept) -> None:
         from .miniature.concept import judged_object
 
         judged_object(concept)
-
-
-def _resume_dir(value: str, output_dir: str | None) -> Path:
-    if value != "latest":
-        if output_dir and Path(output_dir).resolve() != Path(value).resolve():
-            raise UserError(
-                f"--resume {value} continues that folder, but --output-dir says {output_dir}; "
-                "give one folder (or --resume latest to pick the newest run under --output-dir)"
-            )
-        run = RunDir(value)
-        if not run.is_run:
-            raise UserError(f"--resume {value}: not a run folder (no {run.run_yaml.name} in it)")
-        return run.path
-    root = Path(output_dir) if output_dir else Path("runs")
-    latest = latest_run(root)
-    if latest is None:
-        raise UserError(f"--resume latest: no run with checkpoints under {root}/")
-    return latest.path
 
 
 def train_entry() -> None:
@@ -238,15 +172,11 @@ def sample_main(argv: list[str] | None = None) -> int:
             f"{run.path} has no {run.lora.name}: the run has not finished; resume it "
             f"with sai-train-lora --resume {run.path}"
         )
-    from .files.lora_files import load_lora_into  # torch: only once the run proved good
-    from .models.base import load_base
-    from .models.edlora import load_layerwise
+    from .files.run_dir import load_run_info  # torch: only once the run proved good
+    from .models.inference import RunModels
     from .models.sampling import SampleSettings, write_samples
 
-    pipe = load_base(cfg)
-    load_layerwise(pipe, run.path)  # an ED-LoRA run's layer-wise embeddings, before the LoRA
-    load_lora_into(pipe, run.path, weight=args.lora_weight)
-    pipe.set_progress_bar_config(disable=True)  # samples with the base model's own scheduler
+    models = RunModels([load_run_info(run.path)], scheduler="native")  # the model's sampler
     size = args.resolution or cfg.resolution
     settings = SampleSettings(
         steps=args.steps,
@@ -257,8 +187,9 @@ def sample_main(argv: list[str] | None = None) -> int:
     )
     prompts = [pr.format(token=concept.text) for pr in args.prompt]
     out = Path(args.out) if args.out else run.samples("sai-sample")
-    for path in write_samples(pipe, prompts, args.seed or [1], settings, out):
-        print(path)
+    with models.active(models.runs[0].name, args.lora_weight) as pipe:
+        for path in write_samples(pipe, prompts, args.seed or [1], settings, out):
+            print(path)
     return 0
 
 
@@ -405,52 +336,41 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps is not None and not 1 <= args.steps <= 1000:
         raise UserError(f"--steps must be in [1, 1000], got {args.steps}")
-    runs = {}
+    concepts = {}
     for run_dir in args.run_dirs:  # before torch loads: a typo answers at once
-        _, concept, _ = RunDir(run_dir).read_config()
-        runs[run_dir] = concept
+        _, concepts[run_dir], _ = RunDir(run_dir).read_config()
     if args.prompts is not None:
-        from .evaluation.runs import read_prompts  # no torch: checked before any model loads
+        from .evaluation.evaluator import read_prompts  # no torch: checked before any model loads
 
         read_prompts(args.prompts)
-    from .evaluation.alignment import DEFAULT_CLIP, DEFAULT_DINO, AlignmentModels
-    from .evaluation.runs import evaluate_alignment
-    from .miniature.evaluate import evaluate_run, headline
+    from .miniature.concept import judges  # no torch
 
-    judged = {d: bool(c.evaluation and c.evaluation.get("object")) for d, c in runs.items()}
-    if args.class_fidelity and (args.prompts is not None or not all(judged.values())):
+    judged = {d: judges(c, args.prompts) for d, c in concepts.items()}
+    if args.class_fidelity and not all(judged.values()):
         raise UserError(
             "--class-fidelity is the judge's, for runs of miniature-world concepts scored on "
             "their own prompts; drop --prompts, or --class-fidelity for other concepts"
         )
-    models = None
-    # CLIP / DINO score every run the judge does not (another concept, or other prompts)
-    if args.clip_model or args.prompts is not None or not all(judged.values()):
+    from .evaluation.alignment import DEFAULT_CLIP, DEFAULT_DINO, AlignmentModels
+    from .evaluation.evaluator import evaluate, headline
+    from .miniature.evaluate import scorers_for
+
+    models = None  # CLIP / DINO score every run the judge does not (or every run, when asked)
+    if args.clip_model or not all(judged.values()):
         dino = args.dino_model or DEFAULT_DINO
         models = AlignmentModels.load(args.clip_model or DEFAULT_CLIP,
                                       None if dino.lower() == "none" else dino)  # fmt: skip
     base_cache: dict = {}  # runs on one base model share its images
-    for run_dir in args.run_dirs:
-        if judged[run_dir] and args.prompts is None:
-            report = evaluate_run(
-                Path(run_dir), seeds=args.seeds, with_base=not args.no_base, device=args.device,
-                base_cache=base_cache, alignment=models, class_fidelity=args.class_fidelity,
-            )  # fmt: skip
-            print(json.dumps(headline(report)), flush=True)
-            continue
-        report = evaluate_alignment(
-            Path(run_dir), models, prompts=args.prompts, seeds=args.seeds, steps=args.steps,
+    for run_dir, concept in concepts.items():
+        scorers = scorers_for(concept, alignment=models, prompts=args.prompts,
+                              class_fidelity=args.class_fidelity)  # fmt: skip
+        report = evaluate(
+            Path(run_dir), scorers, prompts=args.prompts, seeds=args.seeds, steps=args.steps,
             guidance=args.guidance, with_base=not args.no_base, device=args.device,
+            base_cache=base_cache,
         )  # fmt: skip
-        line = {"run": report["run"], "concept": report["concept"]}
-        print(json.dumps({**line, **_alignment_line(report)}), flush=True)
+        print(json.dumps(headline(report, scorers)), flush=True)
     return 0
-
-
-def _alignment_line(report: dict) -> dict:
-    from .evaluation.runs import headline
-
-    return {**headline(report), "images": report["images"]}
 
 
 def eval_entry() -> None:

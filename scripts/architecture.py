@@ -24,13 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 BEGIN_MARK = "<!-- imports: begin (python scripts/architecture.py --write) -->"
 END_MARK = "<!-- imports: end -->"
 
-# The layers, lowest first: a part may import the parts of lower layers only; the base-model
-# resolver (models.base) may import the miniature package for the one name "miniature".
+# The layers, lowest first: a part may import the parts of lower layers only.
 LAYERS = [
     ["core"], ["optim"], ["config"], ["files"], ["models"], ["training", "compare"],
     ["evaluation"], ["miniature"], ["cli", "app"],
 ]  # fmt: skip
-ALLOWED_UPWARD = {("sai_diffusion.models.base", "sai_diffusion.miniature")}
 
 # part -> the modules in it (by dotted-name prefix), lowest layer first
 PARTS = {
@@ -121,17 +119,14 @@ def part_edges() -> dict[tuple[str, str], list[tuple[str, str]]]:
 
 
 def mermaid() -> str:
-    """The parts as boxes and an arrow where one imports the other; the allowed upward import
-    (the resolver of the name "miniature") dotted. Arrows into ``core`` are left out: every
-    part uses it."""
+    """The parts as boxes and an arrow where one imports the other. Arrows into ``core`` are
+    left out: every part uses it."""
     order = list(PARTS)
     lines = ["```mermaid", "graph TD"]
     edges = sorted(part_edges().items(), key=lambda e: (order.index(e[0][0]), order.index(e[0][1])))
-    for (a, b), pairs in edges:
-        if b == "core":
-            continue
-        arrow = '-.->|"the name miniature"|' if set(pairs) <= ALLOWED_UPWARD else "-->"
-        lines.append(f"    {a} {arrow} {b}")
+    for (a, b), _pairs in edges:
+        if b != "core":
+            lines.append(f"    {a} --> {b}")
     lines.append("```")
     return "\n".join(lines)
 

@@ -195,6 +195,10 @@ CASES: tuple[Case, ...] = (
     Case("max-steps-zero", "config", "zero training steps", _train("--max-steps", "0"),
          names="max_steps"),
     Case("lr-absurd", "config", "absurd learning rate", _train("--lr", "1e9"), names="lr"),
+    Case("setting-cannot-act", "config", "a setting that cannot act (`momentum` with AdamW)",
+         _train("--optimizer", "adamw", "--set", "momentum=0.8"), names="optimizer.name"),
+    Case("section-given-a-value", "config", "a section given a value (`--set lora=8`)",
+         _train("--set", "lora=8"), names="lora.rank"),
     # -- data: the concept's folder, checked before the model loads
     Case("data-missing", "data", "data folder that does not exist", _train(),
          _concept(images=None, data="nothere"), names="nothere"),

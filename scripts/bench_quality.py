@@ -40,7 +40,7 @@ from pathlib import Path
 from sai_diffusion import config
 from sai_diffusion.errors import TrainingDiverged, UserError
 from sai_diffusion.files.run_dir import RunDir
-from sai_diffusion.miniature.concept import judged_object
+from sai_diffusion.miniature.concept import judged_object, judges
 from sai_diffusion.optim import OPTIMIZERS
 
 DEFAULT_OPTIMIZERS = tuple(o for o in OPTIMIZERS if o != "scaled-sgd")  # the paper's four
@@ -60,8 +60,9 @@ def scorer_of(args) -> dict | None:
     if not args.clip_model:
         return None
     dino = args.dino_model or "facebook/dino-vits16"
+    # the judge reads a miniature-world concept's own prompts; CLIP scores the same images
     return {"clip": args.clip_model, "dino": None if dino.lower() == "none" else dino,
-            "prompts": args.prompts}  # fmt: skip
+            "prompts": None if args.judged else args.prompts}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizers = args.optimizers.split(",")
     try:  # before any run: a sweep must not train for an hour and then fail on its settings
         concept = config.load_concept(args.concept)
-        args.judged = bool(concept.evaluation and concept.evaluation.get("object"))
+        args.judged = judges(concept)
         if args.judged:
             judged_object(concept)
         elif not args.clip_model:
@@ -198,15 +199,14 @@ def _scorers(clip: str, dino: str | None):
 
 def _score(run_dir: Path, concept, scorer: dict | None, eval_seeds, *, with_base: bool) -> dict:
     """sai-eval's report of one run (not written: the sweep keeps its own results)."""
-    from sai_diffusion.evaluation.runs import evaluate_alignment
-    from sai_diffusion.miniature.evaluate import evaluate_run
+    from sai_diffusion.evaluation.evaluator import evaluate
+    from sai_diffusion.miniature.evaluate import scorers_for
 
     models = _scorers(scorer["clip"], scorer["dino"]) if scorer else None
-    if concept.evaluation and concept.evaluation.get("object"):
-        return evaluate_run(run_dir, seeds=eval_seeds, with_base=with_base, write=False,
-                            alignment=models)  # fmt: skip
-    return evaluate_alignment(run_dir, models, prompts=scorer["prompts"], seeds=eval_seeds,
-                              with_base=with_base, write=False)  # fmt: skip
+    prompts = scorer["prompts"] if scorer else None
+    scorers = scorers_for(concept, alignment=models, prompts=prompts)
+    return evaluate(run_dir, scorers, prompts=prompts, seeds=eval_seeds, with_base=with_base,
+                    write=False)  # fmt: skip
 
 
 def _final_loss(run_dir: Path) -> float | None:

@@ -44,6 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sai_diffusion.machine import peak_memory_mb, reset_peak_memory
@@ -133,7 +134,8 @@ def _reference(args, device: torch.device, base: str, concept):
     from peft import LoraConfig
 
     from sai_diffusion.config import DEFAULT_LORA_TARGETS
-    from sai_diffusion.training.data import ConceptDataset, discover_examples
+    from sai_diffusion.files.concept_data import discover_examples
+    from sai_diffusion.training.augment import ConceptImages
 
     accelerator = Accelerator(mixed_precision=args.precision, cpu=device.type == "cpu")
     pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True)
@@ -156,8 +158,16 @@ def _reference(args, device: torch.device, base: str, concept):
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     examples = discover_examples(concept.data, token=concept.text)
-    dataset = ConceptDataset(examples, resolution=args.resolution, center_crop=True, seed=0)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
+    images = ConceptImages(examples, resolution=args.resolution, center_crop=True)
+
+    class Dataset(torch.utils.data.Dataset):  # the script's own dataset: centre crops, no flip
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return images.load(i, geometry=np.random.default_rng(i), flip=False)
+
+    loader = torch.utils.data.DataLoader(Dataset(), batch_size=args.batch_size, shuffle=True)
     unet.train()
     batches = iter(())
 
@@ -220,7 +230,7 @@ def _ours(args, device: torch.device, base: str, concept, loop: str, run_dir: Pa
     run = recipe.setup(cfg, c, run_dir)
     if loop == "ours-compiled":
         run.unet = torch.compile(run.unet)
-    return lambda: recipe._train_step(run)
+    return lambda: recipe.train_step(run)
 
 
 def one(args) -> dict:

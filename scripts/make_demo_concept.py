@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sai_diffusion.files.concept_data import TOKEN_PLACEHOLDER
 from sai_diffusion.miniature import world
-from sai_diffusion.training.data import TOKEN_PLACEHOLDER
 
 # (colour, background): four colours on two backgrounds each, every background twice, then
 # white and black once. The two extra colours are what lifted the demo over 0.6 concept

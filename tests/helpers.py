@@ -114,3 +114,12 @@ def assert_same_weights(a: StableDiffusionPipeline, b: StableDiffusionPipeline) 
         assert sa.keys() == sb.keys(), name
         for key in sa:
             assert torch.equal(sa[key], sb[key]), f"{name}.{key}"
+
+
+def concept_file(tmp_path, token: str, class_word: str):
+    """A concept YAML with ``token`` and ``class_word`` over an empty image folder."""
+    (tmp_path / "img").mkdir(exist_ok=True)
+    path = tmp_path / "c.yaml"
+    path.write_text(f'token: "{token}"\nclass_word: "{class_word}"\ndata: img\n'
+                    'validation_prompts: ["a pencil sketch of {token}"]\n')  # fmt: skip
+    return path

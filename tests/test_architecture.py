@@ -35,28 +35,27 @@ def test_every_part_is_in_a_layer():
 
 
 def test_imports_point_down_the_layers():
-    """A part imports only parts of lower layers (training and compare never each other);
-    the one exception is the resolver of the base-model name "miniature"."""
+    """A part imports only parts of lower layers (training and compare never each other)."""
     wrong = []
     for source, targets in architecture.module_edges().items():
         a = architecture.part_of(source)
         for target in targets:
             b = architecture.part_of(target)
-            if a == b or (source, target) in architecture.ALLOWED_UPWARD:
+            if a == b:
                 continue
             if LAYER[b] >= LAYER[a]:
                 wrong.append(f"{source} -> {target}")
     assert wrong == []
 
 
-def test_the_miniature_world_is_imported_only_by_entry_points_and_the_resolver():
+def test_the_miniature_world_is_imported_only_by_entry_points():
     importers = {
         source
         for source, targets in architecture.module_edges().items()
         if architecture.part_of(source) != "miniature"
         and any(architecture.part_of(t) == "miniature" for t in targets)
     }
-    assert importers == {"sai_diffusion.cli", "sai_diffusion.models.base"}
+    assert importers == {"sai_diffusion.cli"}
 
 
 def _string_constants(path: Path):

@@ -8,8 +8,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..files.run_dir import RunInfo
+from ..models.inference import BASE_NAME
 
-BASE_ROW = "base"  # key of the grid row without LoRA
+BASE_ROW = BASE_NAME  # key of the grid row without LoRA
 
 
 def distinct(labels: Mapping[str, str], sep: str) -> dict[str, str]:

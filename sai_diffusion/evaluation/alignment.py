@@ -14,6 +14,7 @@ CLIP ViT-B/32 and DreamBooth's DINO ViT-S/16.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,13 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor
 
+from ..config import Concept
 from ..errors import UserError, first_line
+from .evaluator import Drawn, Rows, training_images
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
+ALIGNMENT = ("clip_t", "clip_t_mos", "clip_i", "dino")
 
 
 def _load(source: str, kind: str, flag: str, want: tuple[str, ...]):
@@ -122,3 +126,61 @@ def text_alignment(images: torch.Tensor, texts: torch.Tensor) -> tuple[float, fl
     """(mean cos, mean 2.5 * max(cos, 0)) of image i with text i."""
     cos = (images * texts).sum(-1)
     return float(cos.mean()), float((2.5 * cos.clamp_min(0)).mean())
+
+
+def alignment_scores(
+    models: AlignmentModels,
+    rows: Rows,
+    references: Sequence[Image.Image],
+    class_text: str,
+) -> dict[str, Any]:
+    """The figures of every prompt and over all, for the run and (``base_*``) the base model.
+    CLIP-T reads each prompt with ``{token}`` said as ``class_text``."""
+    ref_clip = models.clip_images(references)
+    ref_dino = models.dino_images(references) if models.dino is not None else None
+    per_prompt = []
+    for prompt, images, base_images in rows:
+        entry: dict[str, Any] = {"prompt": prompt}
+        text = prompt.replace("{token}", class_text)
+        for prefix, group in (("", images), ("base_", base_images)):
+            if group is None:
+                continue
+            clip = models.clip_images(group)
+            t, t_mos = text_alignment(clip, models.clip_texts([text] * len(group)))
+            entry |= {f"{prefix}clip_t": t, f"{prefix}clip_t_mos": t_mos,
+                      f"{prefix}clip_i": all_pairs_mean(clip, ref_clip)}  # fmt: skip
+            if ref_dino is not None:
+                entry[f"{prefix}dino"] = all_pairs_mean(models.dino_images(group), ref_dino)
+        per_prompt.append(entry)
+    keys = [k for k in per_prompt[0] if k != "prompt"]
+    # every prompt has as many images: the overall mean is the mean of the prompts' means
+    overall = {k: round(statistics.fmean(e[k] for e in per_prompt), 4) for k in keys}
+    for entry in per_prompt:
+        entry.update({k: round(entry[k], 4) for k in keys})
+    return {
+        **overall,
+        "alignment": {
+            "clip_model": models.clip_source,
+            "dino_model": models.dino_source,
+            "text": f"the prompt with {{token}} read as {class_text!r}",
+            "references": len(references),
+            "per_prompt": per_prompt,
+        },
+    }
+
+
+class AlignmentScorer:
+    """The evaluator's scorer of CLIP-T, CLIP-I and DINO (module docstring), beside the base
+    model's (``base_*``); CLIP-T reads each prompt with ``{token}`` as the base model was asked."""
+
+    headline = (*ALIGNMENT, *(f"base_{k}" for k in ALIGNMENT))
+
+    def __init__(self, models: AlignmentModels) -> None:
+        self.models = models
+
+    def base_word(self, concept: Concept) -> str | None:
+        return None
+
+    def score(self, drawn: Drawn) -> dict[str, Any]:
+        references = training_images(drawn.concept, drawn.run)
+        return alignment_scores(self.models, drawn.rows, references, drawn.base_word)

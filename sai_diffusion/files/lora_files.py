@@ -20,10 +20,11 @@ them: down (r, in, k, k), up (out, r, 1, 1). DoRA adds each layer's trained magn
 ``lora_magnitude_vector`` keys in the diffusers file, a ``dora_scale`` per output row in the
 kohya file (``_dora_scale``: written for ComfyUI's and Forge's reading of that layout).
 
-The diffusers file has no per-module alpha: loaders that ignore its header (ComfyUI reading
-diffusers keys, diffusers before its LoRA-metadata change) take alpha = rank, i.e. scale 1.
-So the file stores B' = (alpha / rank) B and says alpha = rank: every reading, header or not,
-computes the trained W x + (alpha / rank) B A x.
+The diffusers file has no per-module alpha: loaders that ignore its header (diffusers before
+its LoRA-metadata change) take alpha = rank, i.e. scale 1. So the file stores
+B' = (alpha / rank) B and says alpha = rank: a reading with or without the header computes the
+trained W x + (alpha / rank) B A x. Which tool maps which keys of which file (ComfyUI reads
+only the text-encoder part of the diffusers file, for one) is docs/file-formats.md's table.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import safetensors
 import safetensors.torch
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
@@ -57,7 +58,21 @@ _SS_ALIASES = {
     "max_train_steps": "ss_max_train_steps",
     "resolution": "ss_resolution",
 }
-_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+@dataclass(frozen=True)
+class FileKeys:
+    """How one model family's LoRA files name its parts (``models.family`` holds it): the
+    diffusers file prefixes each part's keys with the part's name (``unet.``,
+    ``text_encoder.``), the kohya file with ``kohya_prefixes[part]``; kohya's header names the
+    family in ``ss_base_model_version`` and ``ss_v2``."""
+
+    kohya_prefixes: Mapping[str, str]
+    base_model_version: str
+    v2: bool = False
+
+
+SD_KEYS = FileKeys({"unet": "lora_unet_", "text_encoder": "lora_te_"}, "sd_v1")
 
 
 class _Factors(NamedTuple):
@@ -82,8 +97,10 @@ def save_lora(
     alpha: float,
     text_encoder_alpha: float | None = None,
     metadata: Mapping[str, str],
+    keys: FileKeys = SD_KEYS,
 ) -> dict[str, Path]:
-    """Write ``lora.safetensors`` (diffusers) and ``lora_kohya.safetensors`` into ``run_dir``.
+    """Write ``lora.safetensors`` (diffusers) and ``lora_kohya.safetensors`` into ``run_dir``,
+    named as ``keys`` (the model family's) says.
 
     Both carry the LoRA of ``unet`` and, if it has one, of ``text_encoder``, with the training
     ``metadata`` in the header (string values only; ``optimizer``, ``learning_rate``,
@@ -111,9 +128,9 @@ def save_lora(
     for prefix, model, modules in parts:
         diffusers_tensors |= _diffusers_tensors(model, prefix)
         adapter_config |= _adapter_config(model, prefix)
-        kohya_tensors |= _kohya_tensors(modules, _KOHYA_PREFIXES[prefix])
+        kohya_tensors |= _kohya_tensors(modules, keys.kohya_prefixes[prefix])
 
-    header = _training_header(metadata, rank=rank, alpha=alpha,
+    header = _training_header(metadata, keys, rank=rank, alpha=alpha,
                               text_encoder_alpha=te_alpha if len(parts) > 1 else None)  # fmt: skip
     header |= _network_args([f for _, _, modules in parts for f in modules.values()], rank, alpha)
     # diffusers rebuilds each LoraConfig (r, lora_alpha, targets) from this entry; alpha is
@@ -130,7 +147,12 @@ def save_lora(
 
 
 def _training_header(
-    metadata: Mapping[str, str], *, rank: int, alpha: float, text_encoder_alpha: float | None
+    metadata: Mapping[str, str],
+    keys: FileKeys,
+    *,
+    rank: int,
+    alpha: float,
+    text_encoder_alpha: float | None,
 ) -> dict[str, str]:
     """The caller's metadata plus the ss_* fields kohya-reading tools show (dim, alpha, ...)."""
     header = {"format": "pt", **metadata}
@@ -140,8 +162,8 @@ def _training_header(
     header |= {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(rank)),
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": "False",
+        "ss_base_model_version": keys.base_model_version,
+        "ss_v2": str(keys.v2),
     }
     # kohya's header has one alpha; each module's own .alpha is what loaders apply. Claim one
     # only when every module carries it.
@@ -174,9 +196,10 @@ def save_embeddings(
     """Write the embedding rows of ``tokens`` as a textual-inversion file: ``{token: (1, dim)}``.
 
     One token: stock ``pipe.load_textual_inversion(path)`` reads it (the single key names the
-    token; ``token=`` may rename it), and so do A1111 and ComfyUI. Several tokens: diffusers
-    reads a file only when it has one key, so load them with ``load_lora_into`` or pass the
-    tensors: ``pipe.load_textual_inversion([sd[t] for t in tokens], token=tokens)``. The
+    token; ``token=`` may rename it). Several tokens: diffusers
+    reads a file only when it has one key, so load them with ``models.inference.RunModels``
+    or pass the tensors: ``pipe.load_textual_inversion([sd[t] for t in tokens],
+    token=tokens)``. The
     header's ``tokens`` entry (JSON list) keeps their order.
     """
     path = Path(path)
@@ -345,50 +368,6 @@ def atomic_save_tensors(
 # --------------------------------------------------------------------------- loading
 
 
-def load_lora_into(
-    pipe: StableDiffusionPipeline,
-    run_dir: Path,
-    *,
-    weight: float = 1.0,
-    adapter_name: str | None = None,
-) -> str:
-    """Load a run's concept tokens and LoRA into a stock diffusers SD pipeline; return the
-    adapter name.
-
-    Uses only diffusers' public API: ``load_textual_inversion`` for ``embeddings.safetensors``
-    (when present), ``load_lora_weights`` for ``lora.safetensors``, then ``set_adapters`` with
-    ``weight`` (0 gives the base model, 1 the trained one). This adapter becomes the only
-    active one.
-
-    Raises:
-        UserError: ``lora.safetensors`` is missing, the embeddings file is unreadable, or a
-            concept token is already in the pipeline's tokenizer (load each run into its own
-            pipeline).
-    """
-    run = RunDir(run_dir)
-    if not run.lora.is_file():
-        raise UserError(
-            f"{run.lora} not found: is {run.path} a finished sai-train-lora run directory?"
-        )
-    vectors = read_embeddings(run.path)
-    taken = [t for t in vectors if t in pipe.tokenizer.get_vocab()]
-    if taken:
-        raise UserError(
-            f"Token(s) {taken} from {run.embeddings} are already in this pipeline's tokenizer "
-            "(another run of the same concept?). Load each run into a fresh pipeline."
-        )
-    if vectors:
-        pipe.load_textual_inversion(list(vectors.values()), token=list(vectors))
-
-    before = _adapter_names(pipe)
-    pipe.load_lora_weights(run.path, weight_name=run.lora.name, adapter_name=adapter_name)
-    if adapter_name is None:  # diffusers picked "default_<i>"
-        (adapter_name,) = _adapter_names(pipe) - before
-    restore_text_encoder_magnitudes(pipe.text_encoder, run.lora, adapter_name)
-    pipe.set_adapters([adapter_name], adapter_weights=[weight])
-    return adapter_name
-
-
 @torch.no_grad()
 def restore_text_encoder_magnitudes(text_encoder: nn.Module, path: Path, adapter: str) -> None:
     """Copy a DoRA file's text-encoder magnitudes into the loaded adapter.
@@ -407,10 +386,6 @@ def restore_text_encoder_magnitudes(text_encoder: nn.Module, path: Path, adapter
             except AttributeError:  # a flattened model: no text_model level
                 module = text_encoder.get_submodule(name.removeprefix("text_model."))
             module.lora_magnitude_vector[adapter].weight.copy_(f.get_tensor(key))
-
-
-def _adapter_names(pipe: StableDiffusionPipeline) -> set[str]:
-    return {name for names in pipe.get_list_adapters().values() for name in names}
 
 
 def read_embeddings(run_dir: Path) -> dict[str, torch.Tensor]:

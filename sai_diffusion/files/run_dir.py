@@ -40,6 +40,7 @@ import yaml
 from safetensors import safe_open
 
 from ..config import Concept, TrainConfig, apply_overrides, load_yaml, yaml_problem
+from ..config.settings import flat_settings
 from ..errors import UserError
 from ..fsutil import atomic_write_text, naming, write_json
 
@@ -181,15 +182,17 @@ class RunDir:
 
     # -- run.yaml
     def write_config(self, cfg: TrainConfig, concept: Concept, extra: dict[str, Any]) -> None:
-        """run.yaml: ``config`` (every setting), ``concept`` (as loaded) and ``extra`` entries."""
+        """run.yaml: ``config`` (every setting, in its sections), ``concept`` (as loaded) and
+        ``extra`` entries."""
         concept_entry = dataclasses.asdict(concept)
         concept_entry["path"], concept_entry["data"] = str(concept.path), str(concept.data)
-        data = {"config": dataclasses.asdict(cfg), "concept": concept_entry, **extra}
+        data = {"config": cfg.to_dict(), "concept": concept_entry, **extra}
         atomic_write_text(self.run_yaml, yaml.safe_dump(data, sort_keys=False))
 
     def read_config(self) -> tuple[TrainConfig, Concept, dict[str, Any]]:
         """The run's settings, its concept, and the whole file (``lr``, ``base_model_hash``,
-        ``token_ids`` beside them).
+        ``token_ids`` beside them). A run.yaml of an earlier version, its settings flat, reads
+        the same way (``config.settings.FLAT``).
 
         Raises:
             UserError: the folder has no run.yaml, or an unreadable one.
@@ -202,7 +205,8 @@ class RunDir:
         try:
             data = load_yaml(self.run_yaml.read_text(encoding="utf-8"))
             saved = {k: v for k, v in data["config"].items() if k not in _RETIRED_SETTINGS}
-            saved.setdefault("sai_eps", 1e-8)  # runs written before the setting existed used 1e-8
+            if flat_settings(saved):  # written before sections existed
+                saved.setdefault("sai_eps", 1e-8)  # and before sai_eps existed: 1e-8 then
             cfg = apply_overrides(TrainConfig(), saved, str(self.run_yaml))
             c = dict(data["concept"])
             concept = Concept(**{**c, "path": Path(c["path"]), "data": Path(c["data"])})
@@ -377,19 +381,19 @@ def load_run_info(run_dir: str | os.PathLike[str]) -> RunInfo:
         name=run.path.name,
         concept=concept.name,
         token=concept.text,  # as prompts say it: the words joined by spaces
-        optimizer=cfg.optimizer,
+        optimizer=cfg.optimizer.name,
         lr=float(lr) if isinstance(lr, int | float) else cfg.resolved_lr(concept),
         steps=_trained_steps(run),
-        rank=cfg.rank,
-        alpha=cfg.alpha,
-        base_model=cfg.base_model,
+        rank=cfg.lora.rank,
+        alpha=cfg.lora.alpha,
+        base_model=cfg.base.model,
         base_model_hash=data.get("base_model_hash"),
         resolution=cfg.resolution,
         validation_prompts=concept.prompts(),
         scores=run.read_scores(),
         has_lora=run.is_finished,
         class_word=concept.class_text,
-        edlora=cfg.edlora,
+        edlora=cfg.embeddings.edlora,
     )
 
 

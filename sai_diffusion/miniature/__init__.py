@@ -8,19 +8,11 @@
     tiny         tiny SD-1.5-architecture pipelines with random weights (tests, pretraining)
     clip_vocab   CLIP's BPE vocabulary rebuilt offline (tiny tokenizers, the SD 1.5 config)
 
-The real path never depends on it: outside this package only the entry points and
-``models.base.resolve_source`` (the base-model name ``miniature``) import it. This file stays
-light (no torch): that resolver imports it.
+The real path never depends on it: outside this package only the entry points import it (the
+base-model name ``miniature`` is resolved to ``_resources.miniature_dir()``, a folder like any
+other).
 """
 
-from __future__ import annotations
+from .._resources import miniature_dir
 
-from pathlib import Path
-
-from .._resources import configs_dir
-
-
-def miniature_dir() -> Path:
-    """The shipped miniature model folder, ``configs/miniature`` (may not exist in a checkout
-    that has not run ``scripts/pretrain_world.py`` yet)."""
-    return configs_dir() / "miniature"
+__all__ = ["miniature_dir"]

@@ -34,3 +34,9 @@ def judged_object(concept: Concept, *, run_dir: Path | None = None) -> str:
             f"for, one of {', '.join(world.OBJECTS)}; got {obj!r}"
         )
     return obj
+
+
+def judges(concept: Concept, prompts: str | None = None) -> bool:
+    """Whether the judge scores runs of ``concept``: a miniature-world concept (its evaluation
+    names a world object) asked its own prompts."""
+    return bool(concept.evaluation and concept.evaluation.get("object")) and prompts is None

@@ -18,143 +18,99 @@ drawn on the CPU from the seed), and the judge (``judge.py``) says what each ima
   for the class object, as ``class_fidelity`` / ``class_prompt_fidelity``, beside the base
   model's ``base_class_fidelity`` / ``base_class_prompt_fidelity``.
 
-    report = evaluate_run(Path("runs/demo/sgd-sai-lr0.1"))
+    _, concept, _ = RunDir(run).read_config()
+    report = evaluate(run, scorers_for(concept))      # evaluation.evaluator, the one evaluator
     report["concept_fidelity"], report["base_concept_fidelity"]
 
-The report is also written to the run folder as ``eval.json``, where ``sai-compare`` and the
-app find it.
+``scorers_for`` is where a run's scorers are chosen, for sai-eval and the quality benchmark
+alike: the judge for a miniature-world concept, CLIP / DINO (``evaluation.alignment``) for any.
+The report is written to the run folder as ``eval.json``, where ``sai-compare`` and the app
+find it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from ..compare.comparer import Comparer
+from ..config import Concept
 from ..errors import UserError
-from ..evaluation.alignment import AlignmentModels
-from ..evaluation.runs import alignment_scores, keep_images, training_images
-from ..evaluation.runs import headline as alignment_headline
-from ..files.run_dir import RunDir, load_run_info
-from ..models.sampling import SCHEDULER, SampleSettings, generate_batch
+from ..evaluation.alignment import AlignmentModels, AlignmentScorer
+from ..evaluation.evaluator import Drawn
 from . import world
-from .concept import judged_object
+from .concept import judged_object, judges
 from .judge import Judge, describe
 
-__all__ = ["HEADLINE", "evaluate_run", "headline", "score_images"]
+__all__ = ["HEADLINE", "JudgeScorer", "judges", "score_images", "scorers_for"]
 
 HEADLINE = ("concept_fidelity", "prompt_fidelity", "base_concept_fidelity", "base_prompt_fidelity")
 CLASS_HEADLINE = ("class_fidelity", "class_prompt_fidelity", "base_class_fidelity")
 
 
-def evaluate_run(
-    run_dir: Path,
-    *,
-    seeds: Sequence[int] | None = None,
-    with_base: bool = True,
-    device: str | None = None,
-    write: bool = True,
-    base_cache: dict | None = None,
-    alignment: AlignmentModels | None = None,
-    class_fidelity: bool = False,
-) -> dict[str, Any]:
-    """Score one finished run (see the module docstring); ``seeds`` default to the concept's.
+class JudgeScorer:
+    """The evaluator's scorer for a miniature-world concept: the judge reads every image
+    (module docstring). The base model is asked for the object by its name ("heart")."""
 
-    ``base_cache``: a dict shared between calls (``sai-eval RUN_DIR...`` passes one) in which
-    the base model's images are kept per base model, prompts, seeds, steps, guidance and
-    resolution, so runs of one concept on one base model generate them once.
+    headline = ("object", *HEADLINE, *CLASS_HEADLINE)
+
+    def __init__(self, obj: str, *, judge: Judge | None = None, class_word: str | None = None):
+        self.obj, self.class_word = obj, class_word
+        self.judge = judge or Judge.load()
+
+    def base_word(self, concept: Concept) -> str | None:
+        return self.obj
+
+    def score(self, drawn: Drawn) -> dict[str, Any]:
+        report = {"object": self.obj, **score_images(self.judge, self.obj, drawn.rows)}
+        if self.class_word is not None:  # the class word, for the LoRA and the base model alike
+            word = self.class_word
+            rows = [(prompt, drawn.draw(prompt.replace("{token}", word)),
+                     drawn.draw(prompt.replace("{token}", word), base=True) if drawn.with_base
+                     else None) for prompt, _, _ in drawn.rows]  # fmt: skip
+            report |= _class_scores(score_images(self.judge, word, rows), word)
+        return report
+
+
+def scorers_for(
+    concept: Concept,
+    *,
+    alignment: AlignmentModels | None = None,
+    prompts: str | None = None,
+    class_fidelity: bool = False,
+) -> list:
+    """The scorers of a run of ``concept``: the judge for a miniature-world concept asked its
+    own prompts (with ``class_fidelity``, also what the LoRA did to the class word), and CLIP /
+    DINO (``alignment``) for any concept.
 
     Raises:
-        UserError: not a finished run, or its concept is not a miniature-world concept (no
-            ``evaluation`` section naming a world object), or ``class_fidelity`` for a class
-            word that is not a world object.
+        UserError: ``class_fidelity`` without the judge or for a class word that is not a world
+            object; no scorer at all (a real concept needs CLIP models); a world object the
+            world does not have.
     """
-    run = RunDir(run_dir)
-    _, concept, _ = run.read_config()
-    obj = judged_object(concept, run_dir=run.path)
-    if class_fidelity and concept.class_text not in world.OBJECTS:
+    scorers: list = []
+    if judges(concept, prompts):
+        word = None
+        if class_fidelity:
+            word = concept.class_text
+            if word not in world.OBJECTS:
+                raise UserError(
+                    f"--class-fidelity judges the class word, and {word!r} (class_word of "
+                    f"{concept.path}) is not a world object ({', '.join(world.OBJECTS)})"
+                )
+        scorers.append(JudgeScorer(judged_object(concept), class_word=word))
+    elif class_fidelity:
         raise UserError(
-            f"{run_dir}: --class-fidelity judges the class word, and {concept.class_text!r} "
-            f"(class_word of {concept.path}) is not a world object ({', '.join(world.OBJECTS)})"
+            "--class-fidelity is the judge's, for runs of miniature-world concepts scored on "
+            "their own prompts; drop --prompts, or --class-fidelity for other concepts"
         )
-    spec = concept.evaluation
-    info = load_run_info(run.path)
-    if not info.has_lora:
+    if alignment is not None:
+        scorers.append(AlignmentScorer(alignment))
+    if not scorers:
         raise UserError(
-            f"{run_dir}: unfinished run (no {run.lora.name} yet); resume it with "
-            f"sai-train-lora --resume {run_dir}, then evaluate it"
+            f"{concept.path}: runs of {concept.name!r} are scored with CLIP and DINO; pass "
+            "--clip-model (and --dino-model)"
         )
-    seeds = list(seeds) if seeds is not None else list(spec["seeds"])
-    if not seeds:
-        raise UserError("sai-eval: give at least one seed")
-    comparer = Comparer([info], device=device)
-    judge = Judge.load()
-    settings = SampleSettings(steps=spec["steps"], guidance_scale=spec["guidance"],
-                              height=info.resolution, width=info.resolution)  # fmt: skip
-
-    def generate(text: str) -> list[Image.Image]:
-        return generate_batch(comparer.pipe, text, seeds, settings)
-
-    # Only a base model with a content hash can be recognised again by another run.
-    base_key = None
-    if with_base and base_cache is not None and info.base_model_hash:
-        base_key = (
-            info.base_model_hash, obj, tuple(spec["prompts"]), tuple(seeds), spec["steps"],
-            spec["guidance"], info.resolution, str(comparer.pipe.device),
-        )  # fmt: skip
-    cached = base_cache.get(base_key) if base_key is not None else None
-    rows = _rows(comparer, generate, spec["prompts"], concept.text,
-                 obj if with_base else None, cached)  # fmt: skip
-    if base_key is not None and cached is None:
-        base_cache[base_key] = [base_images for _, _, base_images in rows]
-
-    report = score_images(judge, obj, rows)
-    if class_fidelity:  # the class word, for the LoRA and the base model alike
-        word = concept.class_text
-        class_rows = _rows(comparer, generate, spec["prompts"], word, word if with_base else None)
-        report |= _class_scores(score_images(judge, word, class_rows), word)
-    if alignment is not None:  # the same images, kept and scored by CLIP / DINO too
-        kept = keep_images(info.files, rows, seeds)
-        report |= alignment_scores(alignment, kept, training_images(concept, run), obj)
-    report = {
-        "run": str(run_dir),
-        "concept": concept.name,
-        "object": obj,
-        **report,
-        "settings": {
-            "seeds": seeds,
-            "steps": spec["steps"],
-            "guidance": spec["guidance"],
-            "sampler": SCHEDULER,
-            "resolution": info.resolution,
-            "prompts": len(spec["prompts"]),
-            "base_prompts": "{token} read as " + repr(obj) if with_base else None,
-        },
-    }
-    if write:
-        run.write_scores(report)
-    return report
-
-
-def _rows(comparer, generate, prompts, run_word: str, base_word: str | None, cached=None):
-    """``(prompt, images, base_images)`` per prompt: the run's images with ``{token}`` read as
-    ``run_word``, the base model's with ``base_word`` (``cached[i]`` when given; None when
-    ``base_word`` is None)."""
-    rows = []
-    for i, prompt in enumerate(prompts):
-        with comparer.active(comparer.runs[0].name):
-            images = generate(prompt.replace("{token}", run_word))
-        base_images = None
-        if cached is not None:
-            base_images = cached[i]
-        elif base_word is not None:
-            with comparer.active(None):
-                base_images = generate(prompt.replace("{token}", base_word))
-        rows.append((prompt, images, base_images))
-    return rows
+    return scorers
 
 
 def _class_scores(scores: dict, word: str) -> dict:
@@ -213,11 +169,3 @@ def _follows(verdict: dict, asks: dict[str, str | None]) -> bool:
 
 def _share(part: int, whole: int) -> float:
     return round(part / whole, 4) if whole else 0.0
-
-
-def headline(report: dict[str, Any]) -> dict[str, Any]:
-    """The one-line summary ``sai-eval`` prints (with CLIP / DINO figures when scored)."""
-    keys = ("run", "concept", "object", *HEADLINE, "images")
-    line = {k: report.get(k) for k in keys}
-    line |= {k: report[k] for k in CLASS_HEADLINE if k in report}
-    return {**line, **alignment_headline(report)}

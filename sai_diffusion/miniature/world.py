@@ -571,8 +571,8 @@ def render_examples(
 
 def write_examples(examples: Sequence[WorldExample], folder: str | Path) -> Path:
     """Write ``00000.png`` + ``00000.txt`` (the caption) per example: the "images with
-    same-name .txt captions" layout that ``training.data.discover_examples`` reads. The folder appears
-    complete or not at all; an existing one is replaced."""
+    same-name .txt captions" layout that ``files.concept_data.discover_examples`` reads. The
+    folder appears complete or not at all; an existing one is replaced."""
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         for i, example in enumerate(examples):

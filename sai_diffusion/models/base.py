@@ -21,11 +21,10 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .._resources import sd15_config_dir
+from .._resources import miniature_dir, sd15_config_dir
 from ..config import BUILTIN_BASE_MODEL, TrainConfig
 from ..errors import UserError, first_line
 from ..files import ldm
-from ..miniature import miniature_dir  # the package's light __init__: a folder name, no world
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 WEIGHT_SUFFIXES = PICKLE_SUFFIXES | {".safetensors"}
@@ -35,10 +34,9 @@ _SD_FAMILY = "SD 1.5-class (SD 1.5, ChilloutMix, Realistic Vision, ...)"
 
 
 def resolve_source(source: str | Path) -> str | Path:
-    """``source`` itself, or the shipped folder when it names the built-in miniature model.
-
-    The one place outside the miniature package that knows of it: the rest of the real path
-    sees a diffusers folder like any other.
+    """``source`` itself, or the shipped folder when it names the built-in miniature model
+    (``_resources.miniature_dir``): the rest of the real path sees a diffusers folder like any
+    other.
 
     Raises:
         UserError: the built-in model is missing from this installation.
@@ -101,12 +99,13 @@ def load_base_model(
 
 
 def load_base(cfg: TrainConfig, *, torch_dtype: torch.dtype = torch.float32):
-    """The base model a run's settings name (``base_model``, ``base_config``, ``allow_pickle``);
-    see ``load_base_model``."""
+    """The base model a run's settings name (``base.model``, ``base.config``,
+    ``base.allow_pickle``); see ``load_base_model``."""
+    base = cfg.base
     return load_base_model(
-        cfg.base_model,
-        base_config=Path(cfg.base_config) if cfg.base_config else None,
-        allow_pickle=cfg.allow_pickle,
+        base.model,
+        base_config=Path(base.config) if base.config else None,
+        allow_pickle=base.allow_pickle,
         torch_dtype=torch_dtype,
     )
 

@@ -33,8 +33,6 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import UserError
-from ..files.mix_of_show import read_edlora
-from ..files.run_dir import RunDir
 from .tokens import set_token_embeddings, tokenize
 
 # the attribute of the UNet that holds the layer-wise words in use
@@ -257,19 +255,6 @@ def check_layers(unet: nn.Module, names: Sequence[str], where: str) -> None:
             f"({names[0] if names else 'none'}, ...) but this base model has {len(ours)} "
             f"({ours[0] if ours else 'none'}, ...): it was trained on another architecture"
         )
-
-
-def load_layerwise(pipe, run_dir) -> LayerWords | None:
-    """An ED-LoRA run's embeddings into ``pipe`` (``apply_layerwise``); None, and nothing
-    changed, for a plain run. Call it before the LoRA is loaded (resizing the embedding table
-    must not meet peft's wrappers).
-
-    Raises:
-        UserError: an unreadable edlora.safetensors, or one of another architecture.
-    """
-    found = read_edlora(run_dir)
-    where = str(RunDir(run_dir).edlora)
-    return None if found is None else apply_layerwise(pipe, *found, where=where)
 
 
 def apply_layerwise(

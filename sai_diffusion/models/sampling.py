@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from ..config import TrainConfig
 from ..files.run_dir import sample_name, write_prompts
 from ..fsutil import atomic_path
 from .edlora import encode_layerwise, layer_words, spread
+from .family import family_of
 
 SCHEDULER = "DPM-Solver++ multistep"  # what reports call the sampler
 
@@ -38,31 +39,17 @@ class SampleSettings:
     def of_run(cls, cfg: TrainConfig) -> SampleSettings:
         """A training run's sampling (validation samples, class images): its sample_steps,
         guidance_scale and negative_prompt, at its resolution."""
-        return cls(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-                   negative_prompt=cfg.negative_prompt, height=cfg.resolution,
+        return cls(steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
+                   negative_prompt=cfg.sampling.negative_prompt, height=cfg.resolution,
                    width=cfg.resolution)  # fmt: skip
 
 
-def sampling_pipeline(pipe: StableDiffusionPipeline, **modules) -> StableDiffusionPipeline:
-    """``pipe``'s modules under a DPM-Solver++ scheduler (from ``pipe``'s noise schedule), with
-    no safety checker and no progress bar. ``modules`` replace some of them (``unet=...``,
-    ``text_encoder=...``): training samples its live, unwrapped modules this way."""
-    parts = {
-        "vae": pipe.vae,
-        "text_encoder": pipe.text_encoder,
-        "tokenizer": pipe.tokenizer,
-        "unet": pipe.unet,
-        **modules,
-    }
-    sampler = StableDiffusionPipeline(
-        **parts,
-        scheduler=DPMSolverMultistepScheduler.from_config(pipe.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    sampler.set_progress_bar_config(disable=True)
-    return sampler
+def sampling_pipeline(pipe, *, scheduler: str = "dpm-solver", **modules):
+    """``pipe``'s modules as a sampling pipeline of its family (``models.family``): DPM-Solver++
+    from ``pipe``'s noise schedule (``scheduler="native"``: the model's own), no safety checker,
+    no progress bar. ``modules`` replace some of them (``unet=...``, ``text_encoder=...``):
+    training samples its live, unwrapped modules this way."""
+    return family_of(pipe).sampling_pipeline(pipe, scheduler=scheduler, **modules)
 
 
 def native_resolution(pipe: StableDiffusionPipeline) -> int:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import UserError, first_line
 from ..files.run_dir import Checkpoint, RunDir
 from ..fsutil import atomic_dir
+from .schedule import replan_lr_scheduler
 
 
 @dataclass
@@ -108,6 +109,30 @@ def load_latest_checkpoint(run_dir: RunDir, state: TrainingState) -> int:
         f"{run_dir.checkpoints_dir} has no complete checkpoint to resume from{unreadable}; "
         "start a new run instead"
     )
+
+
+def resume(run_dir: RunDir, state: TrainingState, *, max_steps: int) -> int:
+    """Restore ``state`` from the latest checkpoint (``load_latest_checkpoint``) for a run of
+    ``max_steps``, its lr schedule re-planned when the length changed; returns the step.
+
+    Raises:
+        UserError: no checkpoint to resume, one past ``max_steps``, or a schedule that has
+            already decayed to 0 for a longer run.
+    """
+    step = load_latest_checkpoint(run_dir, state)
+    if step > max_steps:
+        raise UserError(
+            f"{run_dir.path} is at step {step}, past --max-steps {max_steps}; give "
+            f"--max-steps {step} or more"
+        )
+    try:
+        replan_lr_scheduler(state.lr_scheduler, step, max_steps)  # training/schedule
+    except ValueError as exc:
+        raise UserError(
+            f"{run_dir.path}: {exc}; keep --max-steps {step}, or train the longer run as a new "
+            "one (with its own length, or --set lr_scheduler=constant)"
+        ) from None
+    return step
 
 
 # what a damaged file raises: safetensors' error, torch.load's (pickle, zip), short reads

@@ -1,4 +1,4 @@
-"""Held-out images and the validation loss's fixed draws.
+"""Held-out images and the validation loss on them.
 
 The validation loss is the training objective on images the run never trains on, at fixed
 timesteps with fixed noise, so two points of a curve (and two runs, whatever their seed or
@@ -9,15 +9,19 @@ for every seed, so runs of one concept are scored on the same images.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-import numpy as np
 import torch
+from torch import nn
 
 from ..errors import UserError
-from .data import Example
+from ..files.concept_data import Example
+from .inputs import EncodedImages, Inputs
+from .objective import Objective
+from .streams import held_out_choice, validation_noise
+from .text import CaptionEncoder
 
 VALIDATION_TIMESTEPS = 4  # per image: the centres of 4 equal slices of the noise schedule
-_SPLIT_SEED = 20240308  # the split's own seed: not the run's, so every run holds out the same
 
 
 def split_examples(
@@ -37,8 +41,7 @@ def split_examples(
             f"{where}: validation_split {fraction:g} holds out images, but the concept has "
             f"{n}; add images, pass validation_data=FOLDER, or set validation_split=0"
         )
-    count = min(n - 1, max(1, round(fraction * n)))
-    chosen = set(np.random.default_rng(_SPLIT_SEED).permutation(n)[:count].tolist())
+    chosen = held_out_choice(n, min(n - 1, max(1, round(fraction * n))))
     training = [e for i, e in enumerate(examples) if i not in chosen]
     return training, [e for i, e in enumerate(examples) if i in chosen]
 
@@ -49,8 +52,34 @@ def validation_timesteps(num_train_timesteps: int) -> torch.Tensor:
     return torch.tensor([math.floor((j + 0.5) * step) for j in range(VALIDATION_TIMESTEPS)])
 
 
-def validation_noise(index: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """(VALIDATION_TIMESTEPS, *shape) normal draws of held-out image ``index``; the same in
-    every run."""
-    gen = torch.Generator().manual_seed(_SPLIT_SEED + 7919 * index)
-    return torch.randn((VALIDATION_TIMESTEPS, *shape), generator=gen)
+class HeldOut:
+    """The validation loss's images (``examples``), encoded once (posterior mean of the centre
+    crop, at each one's bucket size with buckets; scaled), with their masks and captions."""
+
+    def __init__(self, examples: Sequence[Example], encoded: EncodedImages, *, scale: float,
+                 num_timesteps: int) -> None:  # fmt: skip
+        self.examples = list(examples)
+        self.latents = [mean[:1] * scale for mean in encoded.mean]  # (1, C, h, w) each
+        self.masks = [mask[:1] for mask in encoded.mask]  # (1, 1, H, W) each
+        self.captions = [e.caption for e in self.examples]
+        self.timesteps = validation_timesteps(num_timesteps)
+
+    @torch.no_grad()
+    def loss(self, objective: Objective, unet: nn.Module, text: CaptionEncoder) -> float:
+        """The objective without the attention penalty, on every held-out image at every
+        validation timestep with the image's fixed noise, averaged over images and timesteps.
+        Call it with the modules in eval mode (and, under DDP, on every process)."""
+        n = len(self.timesteps)
+        losses = []
+        for i, (latents, mask) in enumerate(zip(self.latents, self.masks, strict=True)):
+            inputs = Inputs(
+                latents=latents.expand(n, *latents.shape[1:]),
+                noise=validation_noise(i, (n, *latents.shape[1:])),
+                timesteps=self.timesteps,
+                mask=mask.expand(n, *mask.shape[1:]),
+                valid=None,
+                captions=[self.captions[i]] * n,
+                prior_from=n,
+            )
+            losses.append(objective(unet, text, inputs, attention=False).item())
+        return sum(losses) / len(losses)

@@ -301,19 +301,17 @@ def test_small_images_are_shown_enlarged_pixel_for_pixel():
     assert grid.getpixel((x + 2 * 5 + 2, y + 2 * 7)) == (10, 20, 30)
 
 
-def test_a_dora_run_with_text_encoder_lora_draws_as_load_lora_into_loads_it(
-    tiny_pipeline_dir, tmp_path
-):
+def test_a_dora_run_with_text_encoder_lora_draws_as_load_run_loads_it(tiny_pipeline_dir, tmp_path):
     """diffusers leaves the text encoder's DoRA magnitudes at their initial values; the
     comparer restores them, so its images are those of the run's files loaded whole."""
-    from sai_diffusion.files.lora_files import load_lora_into
+    from sai_diffusion.models.inference import load_run
 
     run = train_tiny(make_concept(tmp_path / "c"), tiny_pipeline_dir, tmp_path / "dora", "adamw",
                      "--lr", "0.01", "--set", "validation_seeds=[]", "--set", "use_dora=true",
                      "--set", "text_encoder_lora=true")  # fmt: skip
     images = Comparer([load_run_info(run)]).generate(PROMPT, SEEDS[:1], **SAMPLE)
     pipe = load_base_model(tiny_pipeline_dir)
-    load_lora_into(pipe, run)
+    load_run(pipe, run)
     settings = SampleSettings(steps=2, negative_prompt=None, height=64, width=64)
     prompt = PROMPT.format(token="<Vthing>")
     want = pixels(generate(sampling_pipeline(pipe), prompt, SEEDS[0], settings))

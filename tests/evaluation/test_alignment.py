@@ -13,8 +13,13 @@ from PIL import Image
 
 from sai_diffusion import cli
 from sai_diffusion.errors import UserError
-from sai_diffusion.evaluation.alignment import AlignmentModels, all_pairs_mean
-from sai_diffusion.evaluation.runs import alignment_scores, evaluate_alignment, training_images
+from sai_diffusion.evaluation.alignment import (
+    AlignmentModels,
+    AlignmentScorer,
+    alignment_scores,
+    all_pairs_mean,
+)
+from sai_diffusion.evaluation.evaluator import evaluate, training_images
 from sai_diffusion.files.run_dir import RunDir
 from tests.helpers import make_concept, train_tiny
 
@@ -148,8 +153,8 @@ def test_bad_scorer_inputs_exit_2_naming_what_to_pass(
     _, concept, _ = RunDir(run).read_config()
     shutil.rmtree(concept.data)
     with pytest.raises(UserError, match="training images"):
-        evaluate_alignment(run, AlignmentModels.load(str(scorer_dirs[0]), None), seeds=[1],
-                           steps=2)  # fmt: skip
+        evaluate(run, [AlignmentScorer(AlignmentModels.load(str(scorer_dirs[0]), None))],
+                 seeds=[1], steps=2)  # fmt: skip
 
 
 @pytest.mark.slow  # the sweep script with its worker: ~20 s

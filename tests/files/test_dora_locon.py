@@ -22,7 +22,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from sai_diffusion.files.lora_files import load_lora_into, save_lora
+from sai_diffusion.files.lora_files import save_lora
+from sai_diffusion.models.inference import load_run
 from sai_diffusion.models.lora import add_lora
 from tests.helpers import assert_outputs_close, load_pipe, outputs
 
@@ -116,9 +117,7 @@ def test_the_kohya_file_rebuilds_the_model_by_comfyuis_rules(tiny_pipeline_dir, 
         assert_outputs_close(outputs(pipe), saved.reference)
 
 
-def test_the_diffusers_file_loads_in_stock_diffusers_and_through_load_lora_into(
-    tiny_pipeline_dir, saved
-):
+def test_the_diffusers_file_loads_in_stock_diffusers_and_through_load_run(tiny_pipeline_dir, saved):
     pipe = load_pipe(tiny_pipeline_dir)
     pipe.load_lora_weights(saved.run_dir, weight_name="lora.safetensors")
     got = outputs(pipe)
@@ -126,7 +125,7 @@ def test_the_diffusers_file_loads_in_stock_diffusers_and_through_load_lora_into(
     if not saved.dora:  # diffusers 0.42 drops the text encoder's DoRA magnitudes (docstring)
         assert_outputs_close(got, saved.reference)
     pipe = load_pipe(tiny_pipeline_dir)
-    load_lora_into(pipe, saved.run_dir)  # restores them
+    load_run(pipe, saved.run_dir)  # restores them
     assert_outputs_close(outputs(pipe), saved.reference)
 
 

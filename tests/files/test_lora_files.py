@@ -19,7 +19,8 @@ import safetensors.torch
 import torch
 
 from sai_diffusion.errors import UserError
-from sai_diffusion.files.lora_files import load_lora_into, save_embeddings, save_lora
+from sai_diffusion.files.lora_files import save_embeddings, save_lora
+from sai_diffusion.models.inference import load_run
 from sai_diffusion.models.lora import add_lora
 from sai_diffusion.models.tokens import add_concept_tokens, make_token_embeddings_trainable
 from tests.helpers import (
@@ -196,28 +197,28 @@ def test_metadata_is_readable_from_the_headers(trained):
         assert json.loads(f.metadata()["tokens"]) == [TOKEN]
 
 
-# ------------------------------------------------------------------------- load_lora_into
+# ------------------------------------------------- models.inference.load_run (the one loader)
 
 
-def test_load_lora_into_loads_at_the_given_weight(tiny_pipeline_dir, trained):
+def test_load_run_loads_at_the_given_weight(tiny_pipeline_dir, trained):
     pipe = load_pipe(tiny_pipeline_dir)
-    name = load_lora_into(pipe, trained.run_dir)
+    load_run(pipe, trained.run_dir, adapter="potter")
     assert_outputs_close(outputs(pipe), trained.reference)
 
-    pipe.set_adapters([name], adapter_weights=[0.0])  # weight 0: the base model plus the token
+    pipe.set_adapters(["potter"], adapter_weights=[0.0])  # weight 0: the base model plus the token
     assert_outputs_close(outputs(pipe), trained.base)
-    pipe.set_adapters([name], adapter_weights=[0.5])
+    pipe.set_adapters(["potter"], adapter_weights=[0.5])
     half = outputs(pipe)
 
     other = load_pipe(tiny_pipeline_dir)
-    assert load_lora_into(other, trained.run_dir, weight=0.5, adapter_name="potter") == "potter"
+    load_run(other, trained.run_dir, weight=0.5)
     assert_outputs_close(outputs(other), half)
 
-    with pytest.raises(UserError, match="already in this pipeline's tokenizer"):
-        load_lora_into(pipe, trained.run_dir)
+    with pytest.raises(UserError, match="lora.safetensors not found"):
+        load_run(load_pipe(tiny_pipeline_dir), trained.run_dir.parent)
 
 
-def test_load_lora_into_reads_several_tokens(tiny_pipeline_dir, tmp_path):
+def test_load_run_reads_several_tokens(tiny_pipeline_dir, tmp_path):
     pipe = load_pipe(tiny_pipeline_dir)
     tokens = ["<a>", "<b>"]
     add_concept_tokens(pipe.tokenizer, pipe.text_encoder, tokens, init_word="man",
@@ -231,7 +232,7 @@ def test_load_lora_into_reads_several_tokens(tiny_pipeline_dir, tmp_path):
     ]
 
     fresh = load_pipe(tiny_pipeline_dir)
-    load_lora_into(fresh, tmp_path)
+    load_run(fresh, tmp_path)
     got = fresh.text_encoder.get_input_embeddings().weight[
         fresh.tokenizer.convert_tokens_to_ids(tokens)
     ]

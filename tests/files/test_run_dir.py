@@ -4,6 +4,7 @@ reading a run back while it may still be written."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from sai_diffusion.files.run_dir import (
     write_prompts,
 )
 from tests.helpers import make_concept
+
+DATA = Path(__file__).parent / "data"
 
 
 def test_the_names_are_the_contract(tmp_path):
@@ -53,7 +56,8 @@ def _written_run(root: Path, name: str = "run") -> RunDir:
 def test_run_yaml_round_trips_and_old_runs_still_read(tmp_path):
     run = _written_run(tmp_path)
     cfg, concept, data = run.read_config()
-    assert cfg.rank == 8 and concept.token == "<Vthing>" and data["base_model_hash"] == "sha256:ab"
+    assert cfg.lora.rank == 8 and concept.token == "<Vthing>"
+    assert data["base_model_hash"] == "sha256:ab"
     assert concept.data == (tmp_path / "run-concept" / "data").resolve()
 
     # a run written before three dead settings were removed reads the same
@@ -67,6 +71,26 @@ def test_run_yaml_round_trips_and_old_runs_still_read(tmp_path):
         run.read_config()
     with pytest.raises(UserError, match="no run.yaml"):
         RunDir(tmp_path / "elsewhere").read_config()
+
+
+def test_a_run_yaml_written_before_sections_existed_reads_every_setting(tmp_path):
+    """data/run-before-sections.yaml is the run.yaml of a run the previous version trained
+    (flat settings, text-encoder LoRA, shuffled and templated captions, caption dropout): each
+    flat key lands in its section, and the run resumes, samples and compares with it."""
+    shutil.copy(DATA / "run-before-sections.yaml", tmp_path / "run.yaml")
+    cfg, concept, data = RunDir(tmp_path).read_config()
+    flat = yaml.safe_load((DATA / "run-before-sections.yaml").read_text())["config"]
+    assert {key: cfg.get(config.FLAT[key]) for key in flat} == flat  # every one, none lost
+    assert set(flat) == set(config.FLAT)
+    assert (cfg.lora.text_encoder, cfg.optimizer.lr_text_encoder) == (True, 0.01)
+    assert (cfg.captions.shuffle, cfg.captions.templates, cfg.captions.dropout) == (True, True, 0.3)
+    assert concept.token == "<Vthing>" and data["lr"] == 0.05
+    config.validate(cfg, "run.yaml")  # and it is a valid run today
+    # written again, it is in sections and reads back the same
+    RunDir(tmp_path).write_config(cfg, concept, {})
+    written = yaml.safe_load((tmp_path / "run.yaml").read_text())["config"]
+    assert written["lora"]["text_encoder"] is True and "text_encoder_lora" not in written
+    assert RunDir(tmp_path).read_config()[0] == cfg
 
 
 def test_metrics_append_read_and_truncate(tmp_path):

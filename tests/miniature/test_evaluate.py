@@ -19,9 +19,12 @@ import yaml
 from sai_diffusion import cli as cli_module
 from sai_diffusion import config
 from sai_diffusion.errors import UserError
-from sai_diffusion.miniature import evaluate, miniature_dir, world
+from sai_diffusion.evaluation import evaluator
+from sai_diffusion.evaluation.evaluator import evaluate, headline
+from sai_diffusion.files.run_dir import RunDir
+from sai_diffusion.miniature import miniature_dir, world
 from sai_diffusion.miniature.concept import judged_object
-from sai_diffusion.miniature.evaluate import HEADLINE, evaluate_run, headline, score_images
+from sai_diffusion.miniature.evaluate import HEADLINE, score_images, scorers_for
 from sai_diffusion.miniature.judge import Judge
 from sai_diffusion.miniature.model import generate_images
 from sai_diffusion.models.base import load_base_model
@@ -98,16 +101,16 @@ def test_the_shipped_model_draws_what_it_is_asked_and_not_the_held_out_object(ju
 
 
 def test_miniature_is_the_default_base_model_and_the_name_resolves():
-    assert config.TrainConfig().base_model == "miniature"
+    assert config.TrainConfig().base.model == "miniature"
     cfg, concept = config.resolve("demo", {}, [])
-    assert cfg.base_model == "miniature" and cfg.resolution == 32
+    assert cfg.base.model == "miniature" and cfg.resolution == 32
     assert concept.evaluation["object"] == world.HELD_OUT
 
 
 # ------------------------------------------------------------------ the demo, end to end
 def test_demo_trains_without_a_base_model_and_evaluates(demo_run):
     saved = yaml.safe_load((demo_run / "run.yaml").read_text(encoding="utf-8"))
-    assert saved["config"]["base_model"] == "miniature"
+    assert saved["config"]["base"]["model"] == "miniature"
     assert (demo_run / "lora.safetensors").is_file()
 
     proc = cli("sai-eval", str(demo_run), "--seeds", "0", "1")
@@ -152,7 +155,7 @@ def test_runs_on_one_base_model_share_its_images(demo_run, monkeypatch):
         prompts_generated.append(prompt)
         return generate_batch(pipe, prompt, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "generate_batch", counting)
+    monkeypatch.setattr(evaluator, "generate_batch", counting)
     n_prompts = len(config.load_concept("demo").evaluation["prompts"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -339,14 +342,26 @@ def test_class_fidelity_judges_the_prompts_with_the_class_word(demo_run, capsys)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report = evaluate_run(demo_run, seeds=[3, 4], write=False, class_fidelity=True)
+        scorers = _scorers(demo_run, class_fidelity=True)
+        report = evaluate(demo_run, scorers, seeds=[3, 4], write=False)
     finally:
         torch.set_num_threads(threads)
     assert report["class_object"] == "circle"
     assert report["base_class_fidelity"] >= 0.5 > report["base_concept_fidelity"]
     assert 0 <= report["class_prompt_fidelity"] <= report["class_fidelity"] <= 1
-    assert {"class_fidelity", "base_class_fidelity"} <= set(headline(report))
+    assert {"class_fidelity", "base_class_fidelity"} <= set(headline(report, scorers))
     # the judge's own prompts only: another prompt set is refused with one line
     assert cli_module._run(cli_module.eval_main, [str(demo_run), "--class-fidelity",
                                                   "--prompts", "person"]) == 2  # fmt: skip
     assert "--class-fidelity" in capsys.readouterr().err
+
+
+def _scorers(run: Path, **kwargs) -> list:
+    """The scorers sai-eval picks for a run (the judge, for the demo)."""
+    _, concept, _ = RunDir(run).read_config()
+    return scorers_for(concept, **kwargs)
+
+
+def evaluate_run(run: Path, **kwargs) -> dict:
+    """``evaluate`` with the run's scorers, as sai-eval calls it."""
+    return evaluate(run, _scorers(run), **kwargs)

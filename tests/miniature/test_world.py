@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sai_diffusion.files.concept_data import discover_examples
 from sai_diffusion.miniature import world
 from sai_diffusion.miniature.world import (
     BACKGROUNDS,
@@ -26,7 +27,6 @@ from sai_diffusion.miniature.world import (
     sample_scenes,
     write_examples,
 )
-from sai_diffusion.training.data import discover_examples
 
 
 def pixels(image: Image.Image) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""training.data aspect-ratio buckets: the bucket list, bucket assignment, bucket-sized crops
-in ConceptDataset, and the BucketBatches schedule."""
+"""training.buckets: the bucket list, bucket assignment, bucket-sized crops (augment's
+ConceptImages with sizes), and the BucketBatches schedule."""
 
 from __future__ import annotations
 
@@ -12,15 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sai_diffusion.errors import UserError
-from sai_diffusion.training.data import (
-    BucketBatches,
-    ConceptDataset,
-    Example,
-    assign_buckets,
-    bucket_resolutions,
-    image_sizes,
-)
+from sai_diffusion.files.concept_data import Example, image_sizes
+from sai_diffusion.training.augment import ConceptImages
+from sai_diffusion.training.buckets import BucketBatches, assign_buckets, bucket_resolutions
+from sai_diffusion.training.streams import geometry_rng
 
 R, STEP = 32, 8  # the CPU miniature
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -52,13 +47,10 @@ def is_red_array(pixels: np.ndarray) -> np.ndarray:
     return pixels[..., 0] > pixels[..., 2]
 
 
-def items(dataset: ConceptDataset, index: int) -> list[dict]:
-    """Item `index` in each of EPOCHS epochs."""
-    out = []
-    for epoch in range(EPOCHS):
-        dataset.set_epoch(epoch)
-        out.append(dataset[index])
-    return out
+def items(images: ConceptImages, index: int, seed: int = 0) -> list[dict]:
+    """Image ``index`` in each of EPOCHS epochs (its geometry draws), every other one flipped."""
+    return [images.load(index, geometry=geometry_rng(seed, epoch, index), flip=epoch % 2 == 1)
+            for epoch in range(EPOCHS)]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- bucket list
@@ -159,7 +151,7 @@ def test_bucket_item_keeps_the_whole_portrait_while_the_square_crops_its_top(tmp
     whole = Image.open(path).resize(target, resample=Image.Resampling.BICUBIC)
     expected = torch.from_numpy(np.asarray(whole, dtype=np.float32) / 127.5 - 1.0)
     expected = expected.permute(2, 0, 1)  # (3, 40, 24)
-    bucketed = ConceptDataset(examples, resolution=R, sizes=[target], random_flip=0.5)
+    bucketed = ConceptImages(examples, resolution=R, sizes=[target])
     for item in items(bucketed, 0):
         assert item["pixel_values"].shape == (3, 40, 24)
         assert item["mask"].shape == item["valid"].shape == (1, 40, 24)
@@ -170,7 +162,7 @@ def test_bucket_item_keeps_the_whole_portrait_while_the_square_crops_its_top(tmp
         assert is_red(item)[0].any()  # the red band is at the top every epoch
         assert torch.equal(item["valid"], torch.ones(1, 40, 24))
 
-    square = ConceptDataset(examples, resolution=R, random_flip=0.5)
+    square = ConceptImages(examples, resolution=R)
     assert any(not is_red(item).any() for item in items(square, 0))  # some crop loses it
 
 
@@ -181,10 +173,10 @@ def test_mask_and_valid_get_the_pixels_crop_and_flip(tmp_path):
     mask = save(
         tmp_path / "mask" / "a.png", np.where(is_red_array(pixels), 255, 0).astype(np.uint8)
     )
-    dataset = ConceptDataset([Example(image, "c", mask)], resolution=R, sizes=[(24, 40)])
+    images = ConceptImages([Example(image, "c", mask)], resolution=R, sizes=[(24, 40)])
 
     red_rows, flipped = set(), set()
-    for item in items(dataset, 0):
+    for item in items(images, 0):
         red = is_red(item)
         assert torch.equal(item["mask"][0] > 0.5, red)
         assert torch.equal(item["valid"], torch.ones(1, 40, 24))
@@ -202,16 +194,13 @@ def test_square_sizes_match_the_default_bitwise(tmp_path, center_crop):
     landscape = save(tmp_path / "image" / "c.png", red_top_left(70, 30))
     mask = save(tmp_path / "mask" / "c.png", np.full((30, 70), 200, np.uint8))
     examples = [Example(square, "c"), Example(portrait, "c"), Example(landscape, "c", mask)]
-    kwargs = {"resolution": R, "center_crop": center_crop, "seed": 3}
-    default = ConceptDataset(examples, **kwargs)
-    squares = ConceptDataset(examples, sizes=[(R, R)] * len(examples), **kwargs)
-    for epoch in range(6):
-        default.set_epoch(epoch)
-        squares.set_epoch(epoch)
-        for index in range(len(examples)):
-            expected, got = default[index], squares[index]
+    kwargs = {"resolution": R, "center_crop": center_crop}
+    default = ConceptImages(examples, **kwargs)
+    squares = ConceptImages(examples, sizes=[(R, R)] * len(examples), **kwargs)
+    for index in range(len(examples)):
+        for expected, got in zip(items(default, index, 3), items(squares, index, 3), strict=True):
             for key in ("pixel_values", "mask", "valid"):
-                assert torch.equal(got[key], expected[key]), (epoch, index, key)
+                assert torch.equal(got[key], expected[key]), (index, key)
 
 
 def test_bucketed_items_of_a_chunk_stack(tmp_path):
@@ -223,25 +212,20 @@ def test_bucketed_items_of_a_chunk_stack(tmp_path):
     ]
     buckets = bucket_resolutions(R, STEP)
     bucket_of = assign_buckets(image_sizes(examples), buckets)
-    dataset = ConceptDataset(
-        examples, resolution=R, sizes=[buckets[b] for b in bucket_of], random_flip=0.5
-    )
+    images = ConceptImages(examples, resolution=R, sizes=[buckets[b] for b in bucket_of])
     batches = BucketBatches(bucket_of, batch_size=2, seed=0)
     for c in range(batches.chunks_per_epoch):
         width, height = buckets[batches.bucket(c)]
-        batch = torch.stack([dataset[i]["pixel_values"] for i in batches.chunk(c)])
+        batch = torch.stack([items(images, i)[c]["pixel_values"] for i in batches.chunk(c)])
         assert batch.shape == (2, 3, height, width)
 
 
 def test_bad_sizes_raise(tmp_path):
     examples = [Example(save(tmp_path / "a.png", red_top_left(40, 80)), "c")]
-    with pytest.raises(UserError, match="augmentation=crop"):
-        ConceptDataset(examples, resolution=R, augmentation="resize-crop-pad", sizes=[(24, 40)])
-    with pytest.raises(UserError, match="1 examples"):
-        ConceptDataset(examples, resolution=R, sizes=[(24, 40), (32, 32)])
-    for bad in [(0, 40), (24, -8), (24.0, 40), (24,), (True, 40)]:
-        with pytest.raises(UserError, match="positive ints"):
-            ConceptDataset(examples, resolution=R, sizes=[bad])
+    with pytest.raises(ValueError, match="augmentation crop"):
+        ConceptImages(examples, resolution=R, augmentation="resize-crop-pad", sizes=[(24, 40)])
+    with pytest.raises(ValueError, match="one \\(width, height\\) per example \\(1\\)"):
+        ConceptImages(examples, resolution=R, sizes=[(24, 40), (32, 32)])
 
 
 # --------------------------------------------------------------------------- schedule

@@ -110,17 +110,20 @@ _POISON_RANK_1 = """
 import sys
 import torch
 from sai_diffusion import cli
-from sai_diffusion.training import recipe
+from sai_diffusion.training import objective
+from accelerate import PartialState
 
-loss = recipe._loss
+loss = objective.Objective.__call__
+calls = []
 
-def poisoned(run, batch):
-    value = loss(run, batch)
-    if run.accelerator.process_index == 1 and run.step == 1:
+def poisoned(self, unet, text, inputs, **kwargs):
+    value = loss(self, unet, text, inputs, **kwargs)
+    calls.append(1)
+    if PartialState().process_index == 1 and len(calls) == 2:  # its second step
         return value * torch.tensor(float("nan"))
     return value
 
-recipe._loss = poisoned
+objective.Objective.__call__ = poisoned
 sys.argv = ["sai-train-lora", *sys.argv[1:]]
 cli.train_entry()
 """

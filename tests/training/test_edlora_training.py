@@ -22,6 +22,7 @@ from sai_diffusion import cli, config
 from sai_diffusion.files.mix_of_show import mix_of_show_params, read_edlora
 from sai_diffusion.files.run_dir import RunDir
 from sai_diffusion.models import edlora
+from sai_diffusion.models.inference import add_run_adapter, load_run
 from sai_diffusion.models.tokens import add_concept_tokens, tokenize
 from sai_diffusion.training import recipe
 from sai_diffusion.training.attention import attention_penalty, word_positions
@@ -82,7 +83,7 @@ def test_an_edlora_run_trains_layer_wise_rows_and_writes_edlora_safetensors(
     assert not torch.equal(vectors["<Vt2>"], vectors["<Vt2>"][:1].expand_as(vectors["<Vt2>"]))
     # the other rows of the table never change (the wrapper holds the trained rows apart)
     table_after = run.text_encoder.get_input_embeddings().weight.detach()
-    trained = set(run.token_ids)
+    trained = set(run.adapters.token_ids)
     others = [i for i in range(table_before.shape[0]) if i not in trained]
     assert torch.equal(table_before[others], table_after[others])
 
@@ -207,10 +208,7 @@ def test_the_mix_of_show_export_holds_exactly_the_keys_their_loader_reads(
     theirs_words = edlora.apply_layerwise(theirs, embeddings, [n for n, _ in
                                           edlora.cross_attention_layers(theirs.unet)], where="x")  # fmt: skip
     ours = load_pipe(tiny_pipeline_dir)
-    ours_words = edlora.load_layerwise(ours, edlora_run)
-    from sai_diffusion.files.lora_files import load_lora_into
-
-    load_lora_into(ours, edlora_run)
+    ours_words = load_run(ours, edlora_run).layerwise
     prompt = ["a pencil sketch of <Vt1> <Vt2>"]
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -327,7 +325,6 @@ def test_the_comparer_draws_an_edlora_run_beside_a_plain_one_as_each_alone(
     edlora_run, concept, tiny_pipeline_dir, tmp_path
 ):
     from sai_diffusion.compare import Comparer, load_run_info
-    from sai_diffusion.files.lora_files import load_lora_into
     from sai_diffusion.models.sampling import SampleSettings, generate, sampling_pipeline
 
     plain = tmp_path / "plain"
@@ -341,8 +338,7 @@ def test_the_comparer_draws_an_edlora_run_beside_a_plain_one_as_each_alone(
     assert _pixels(rows["plain"][0]) == _pixels(alone["plain"][0])
 
     pipe = load_pipe(tiny_pipeline_dir)
-    edlora.load_layerwise(pipe, edlora_run)
-    load_lora_into(pipe, edlora_run, weight=0.7)
+    load_run(pipe, edlora_run, weight=0.7)
     pipe = sampling_pipeline(pipe)
     image = generate(pipe, "a pencil sketch of <Vt1> <Vt2>", 1,
                      SampleSettings(steps=3, guidance_scale=5.0, height=64, width=64))  # fmt: skip
@@ -366,7 +362,6 @@ def test_sai_compare_draws_one_grid_per_lora_weight_and_weight_0_keeps_the_embed
     report = out.with_suffix(".html").read_text()
     for weight in ("0", "0.7", "1"):
         assert f"a pencil sketch of {{token}} (LoRA weight {weight})" in report
-    from sai_diffusion.files.lora_files import load_lora_into
     from sai_diffusion.models.sampling import SampleSettings, generate, sampling_pipeline
 
     one = Comparer([load_run_info(edlora_run)], device="cpu")
@@ -378,11 +373,12 @@ def test_sai_compare_draws_one_grid_per_lora_weight_and_weight_0_keeps_the_embed
     for layerwise in (True, False):
         pipe = load_pipe(tiny_pipeline_dir)
         if layerwise:
-            edlora.load_layerwise(pipe, edlora_run)
+            load_run(pipe, edlora_run, weight=0.0)
         else:  # the words' own rows only: what a loader ignoring edlora.safetensors gives
             pipe.tokenizer.add_tokens(["<Vt1>", "<Vt2>"])
             pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
-        load_lora_into(pipe, edlora_run, weight=0.0)
+            add_run_adapter(pipe, edlora_run, "run")
+            pipe.set_adapters(["run"], adapter_weights=[0.0])
         images[layerwise] = generate(sampling_pipeline(pipe), "a pencil sketch of <Vt1> <Vt2>",
                                      1, settings)  # fmt: skip
     # weight 0: no LoRA, the layer-wise embeddings still read
@@ -392,22 +388,19 @@ def test_sai_compare_draws_one_grid_per_lora_weight_and_weight_0_keeps_the_embed
 def test_the_files_of_an_edlora_run_give_the_model_it_trained(concept, tiny_pipeline_dir, tmp_path):
     """Training encodes captions and reads them per layer exactly as loading the files for
     sampling does: the UNet's prediction from the files equals the live one."""
-    from sai_diffusion.files.lora_files import load_lora_into
-
     out = tmp_path / "run"
     flags = {"base_model": str(tiny_pipeline_dir), "resolution": 64, "max_steps": 2, "lr": 0.3}
     settings = [s for s in MIX_OF_SHOW if s != "--set"] + ["validation_seeds=[]"]
     cfg, c = config.resolve(str(concept), flags, settings)
     run = recipe.setup(cfg, c, out)
     recipe.train(run)
-    caption = run.dataset.examples[0].caption
+    caption = run.inputs.images.examples[0].caption
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        live = run.unet(latents, 500, recipe._encode_text(run, [caption])).sample
+        live = run.unet(latents, 500, run.text([caption])).sample
     recipe.save_outputs(run)
     pipe = load_pipe(tiny_pipeline_dir)
-    words = edlora.load_layerwise(pipe, out)
-    load_lora_into(pipe, out)
+    words = load_run(pipe, out).layerwise
     with torch.no_grad():
         context = edlora.encode_layerwise(pipe.tokenizer, pipe.text_encoder, [caption], words,
                                           device="cpu")  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,9 +14,9 @@ from safetensors.torch import load_file
 
 from sai_diffusion import config
 from sai_diffusion.errors import UserError
-from sai_diffusion.files.lora_files import load_lora_into
 from sai_diffusion.files.mix_of_show import export_mix_of_show
 from sai_diffusion.files.run_dir import RunDir
+from sai_diffusion.models.inference import load_run
 from sai_diffusion.training import recipe
 from tests.helpers import load_pipe, make_concept, run_train
 
@@ -54,30 +55,29 @@ def test_buckets_batch_one_bucket_at_a_time_and_keep_a_portraits_top(
     _portraits(concept)
     run = _setup(concept, tiny_pipeline_dir, tmp_path / "run", "buckets=true", "bucket_step=16",
                  f"cache_latents={cache}", steps=6)  # fmt: skip
-    assert run.dataset.sizes == [(48, 80), (48, 80), (64, 64), (64, 64)]
+    images = run.inputs.images
+    assert images.sizes == [(48, 80), (48, 80), (64, 64), (64, 64)]
     shapes = set()
     for step in range(6):
-        run.step = step
-        batch = recipe._batch(run, 0)
-        shapes.add(tuple(batch["latents"].shape[-2:]))
-        assert batch["latents"].shape[0] == 2
+        inputs = run.inputs(run.batches.batch(step, 0))
+        shapes.add(tuple(inputs.latents.shape[-2:]))
+        assert inputs.latents.shape[0] == 2
     assert shapes == {(40, 24), (32, 32)}  # the tiny VAE halves: 80 x 48 and 64 x 64
     # the portrait trains whole: its latents are those of the resized image, red top included
-    item = run.dataset[0]
+    item = images.load(0, geometry=np.random.default_rng(0), flip=False)
     assert item["pixel_values"].shape == (3, 80, 48)
     assert (item["pixel_values"][0, :8] > 0.5).float().mean() > 0.9  # red rows on top
-    run.step = 0
     recipe.train(run)
     recipe.save_outputs(run)
-    load_lora_into(load_pipe(tiny_pipeline_dir), tmp_path / "run")
+    load_run(load_pipe(tiny_pipeline_dir), tmp_path / "run")
 
 
 def test_bucket_settings_are_checked(tiny_pipeline_dir, tmp_path):
     concept = make_concept(tmp_path / "c", n=2)
     flags = {"base_model": str(tiny_pipeline_dir), "resolution": 64}
     for bad, message in [
-        (["buckets=true", "bucket_step=48"], "multiple of bucket_step"),
-        (["bucket_step=12"], "bucket_step must be a multiple of 8"),
+        (["buckets=true", "bucket_step=48"], "multiple of data.bucket_step"),
+        (["buckets=true", "bucket_step=12"], "bucket_step\\) must be a multiple of 8"),
         (["buckets=true", "augmentation=resize-crop-pad", "cache_latents=false"], "pastes"),
     ]:
         with pytest.raises(UserError, match=message):
@@ -90,31 +90,32 @@ def test_class_images_are_drawn_once_per_base_and_prompt(tiny_pipeline_dir, tmp_
     concept = make_concept(tmp_path / "c", n=2)
     run = _setup(concept, tiny_pipeline_dir, tmp_path / "a", "num_class_images=3",
                  "class_prompt=a photo of a dog", "sample_steps=2")  # fmt: skip
-    folder = run.class_dataset.examples[0].image_path.parent
+    classes = run.inputs.class_images.examples
+    folder = classes[0].image_path.parent
     assert folder.parent == tmp_path / "cache" / "class-images"
     assert sorted(p.name for p in folder.glob("*.png")) == [f"class-0000{i}.png" for i in range(3)]
-    assert {e.caption for e in run.class_dataset.examples} == {"a photo of a dog"}
-    assert len(run.dataset) == 2  # the class images are not the concept's
+    assert {e.caption for e in classes} == {"a photo of a dog"}
+    assert len(run.inputs.images) == 2  # the class images are not the concept's
     stamps = {p: p.stat().st_mtime_ns for p in folder.glob("*.png")}
     again = _setup(concept, tiny_pipeline_dir, tmp_path / "b", "num_class_images=3",
                    "class_prompt=a photo of a dog", "sample_steps=2", "seed=5")  # fmt: skip
-    assert again.class_dataset.examples == run.class_dataset.examples  # re-used, not redrawn
+    assert again.inputs.class_images.examples == classes  # re-used, not redrawn
     assert {p: p.stat().st_mtime_ns for p in folder.glob("*.png")} == stamps
     other = _setup(concept, tiny_pipeline_dir, tmp_path / "c2", "num_class_images=1",
                    "class_prompt=a photo of a cat", "sample_steps=2")  # fmt: skip
-    assert other.class_dataset.examples[0].image_path.parent != folder
+    assert other.inputs.class_images.examples[0].image_path.parent != folder
     # a class_data folder with too few images is filled up, seed by seed
     dogs = _class_folder(tmp_path, n=1)
     filled = _setup(concept, tiny_pipeline_dir, tmp_path / "d", f"class_data={dogs}",
                     "num_class_images=3", "sample_steps=2")  # fmt: skip
-    assert len(filled.class_dataset) == 3 and (dogs / "class-00001.png").is_file()
+    assert len(filled.inputs.class_images) == 3 and (dogs / "class-00001.png").is_file()
     # in the Mix-of-Show layout the drawn images go beside the others, in image/
     cats = _class_folder(tmp_path / "mix", n=1)
     (cats / "image").mkdir()
     (cats / "dog0.png").rename(cats / "image" / "dog0.png")
     mixed = _setup(concept, tiny_pipeline_dir, tmp_path / "e", f"class_data={cats}",
                    "num_class_images=2", "sample_steps=2")  # fmt: skip
-    assert len(mixed.class_dataset) == 2 and (cats / "image" / "class-00000.png").is_file()
+    assert len(mixed.inputs.class_images) == 2 and (cats / "image" / "class-00000.png").is_file()
 
 
 def test_a_class_prompt_is_checked_before_the_model_loads(tiny_pipeline_dir, tmp_path):
@@ -127,9 +128,8 @@ def test_a_class_prompt_is_checked_before_the_model_loads(tiny_pipeline_dir, tmp
         (tmp_path / "c" / "rand.yaml", [f"class_data={dogs}"], "names no class; set class_prompt"),
         (concept, [f"class_data={dogs}", "class_prompt=a {dog}"], "holds braces"),
     ]:
-        cfg, c = config.resolve(str(yaml_file), flags, settings)
-        with pytest.raises(UserError, match=message):
-            recipe._setup_data(cfg, c)
+        with pytest.raises(UserError, match=message):  # by the settings' check, no model yet
+            config.resolve(str(yaml_file), flags, settings)
 
 
 def test_prior_adds_class_examples_with_their_own_draws_and_weighted_loss(
@@ -140,16 +140,19 @@ def test_prior_adds_class_examples_with_their_own_draws_and_weighted_loss(
     plain = _setup(concept, tiny_pipeline_dir, tmp_path / "a")
     with_prior = _setup(concept, tiny_pipeline_dir, tmp_path / "b", f"class_data={dogs}",
                         "class_prompt=a photo of a dog")  # fmt: skip
-    a, b = recipe._batch(plain, 0), recipe._batch(with_prior, 0)
-    assert b["prior_from"] == 2 and b["captions"][2:] == ["a photo of a dog"] * 2
+    a = plain.inputs(plain.batches.batch(0, 0))
+    b = with_prior.inputs(with_prior.batches.batch(0, 0))
+    assert b.prior_from == 2 and b.captions[2:] == ["a photo of a dog"] * 2
     for key in ("latents", "noise", "timesteps"):  # the concept's draws are unchanged
-        assert torch.equal(a[key], b[key][:2]), key
-    assert not torch.equal(b["noise"][:2], b["noise"][2:])  # the class draws are their own
+        assert torch.equal(getattr(a, key), getattr(b, key)[:2]), key
+    assert not torch.equal(b.noise[:2], b.noise[2:])  # the class draws are their own
+    objective = with_prior.objective
     with torch.no_grad():
-        concept_only = recipe._loss(with_prior, {**a, "captions": b["captions"][:2]}).item()
-        total = recipe._loss(with_prior, b).item()
-        with_prior.cfg.prior_loss_weight = 3.0
-        heavier = recipe._loss(with_prior, b).item()
+        concept_only = objective(with_prior.unet, with_prior.text, a).item()
+        total = objective(with_prior.unet, with_prior.text, b).item()
+        objective.prior_loss_weight = 3.0
+        heavier = objective(with_prior.unet, with_prior.text, b).item()
+        objective.prior_loss_weight = 1.0
     class_part = (heavier - total) / 2  # the class examples' mean MSE
     assert class_part > 0
     assert total == pytest.approx(concept_only + class_part, rel=1e-5)
@@ -172,12 +175,12 @@ def test_a_dora_locon_run_trains_its_magnitudes_and_its_files_load(
     kohya = load_file(RunDir(out).kohya)
     assert any(k.endswith("_resnets_0_conv1.dora_scale") for k in kohya)
     pipe = load_pipe(tiny_pipeline_dir)
-    load_lora_into(pipe, out)
+    load_run(pipe, out)
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, 8, 8, generator=g)
     context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
     with torch.no_grad():
-        want = recipe._plain(run, run.unet)(latents, 500, context).sample
+        want = run.pipe.unet(latents, 500, context).sample
         got = pipe.unet(latents, 500, context).sample
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     with pytest.raises(UserError, match="Mix-of-Show's loader merges plain"):

@@ -25,6 +25,7 @@ from sai_diffusion import cli, config
 from sai_diffusion.errors import TrainingDiverged
 from sai_diffusion.files.run_dir import RunDir
 from sai_diffusion.training import recipe
+from sai_diffusion.training.resume import resume_dir
 from tests.helpers import TRAIN_COMMAND, make_concept, run_train
 
 FAST = [
@@ -76,7 +77,7 @@ def test_cli_trains_and_writes_the_run_folder(concept, tiny_pipeline_dir, tmp_pa
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["loss"] > 0 and m["step_time"] > 0 and "unet" in m["lr"] for m in metrics)
     run = yaml.safe_load((out / "run.yaml").read_text())
-    assert run["config"]["optimizer"] == "sgd-sai" and run["lr"] == 0.05
+    assert run["config"]["optimizer"]["name"] == "sgd-sai" and run["lr"] == 0.05
     with safe_open(str(out / "lora_kohya.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["ss_optimizer"] == "sgd-sai" and meta["ss_network_alpha"] in ("1", "1.0")
@@ -146,36 +147,41 @@ EXTRAS = {
 }
 
 
+# the optimizer state each one keeps per trained tensor (torch's AdamW and SGD, peft's scaled
+# pair built on them)
+STATE = {"scaled-adamw": {"exp_avg", "exp_avg_sq", "step"}, "adamw": {"exp_avg", "exp_avg_sq", "step"},
+         "scaled-sgd": {"momentum_buffer"}, "sgd": {"momentum_buffer"}}  # fmt: skip
+
+
 @pytest.mark.parametrize("optimizer", ["scaled-adamw", "scaled-sgd", "adamw", "sgd"])
 def test_each_optimizer_trains(optimizer, concept, tiny_pipeline_dir, tmp_path):
-    """Every optimizer name runs through the same recipe and changes the LoRA, each with some
-    of the recipe's options on (bf16 autocast, gradient checkpointing, min-SNR, noise offset,
-    cosine warmup, batches with gradient accumulation)."""
+    """Every optimizer name runs through the same recipe, each with some of the recipe's
+    options on (bf16 autocast, gradient checkpointing, min-SNR, noise offset, cosine warmup,
+    batches with gradient accumulation): its checkpoint holds that optimizer's state for every
+    trained tensor at the configured group lrs, and the Adam family's first step moved each
+    up factor (zero at the start, its gradient non-zero) by exactly lr, as Adam's first update
+    is lr * g / |g| (bias-corrected, eps 1e-8 beside |g|)."""
     out = tmp_path / optimizer
-    rc = cli.train_main(
-        [
-            "--concept",
-            str(concept),
-            "--base-model",
-            str(tiny_pipeline_dir),
-            "--optimizer",
-            optimizer,
-            "--max-steps",
-            "2",
-            "--output-dir",
-            str(out),
-            "--set",
-            "validation_seeds=[]",
-            *FAST[:2],
-            *EXTRAS[optimizer],
-        ]
-    )
-    assert rc == 0
-    lora = load_file(str(out / "lora.safetensors"))
-    ups = [v for k, v in lora.items() if "up" in k or "lora_B" in k]
-    assert ups and any(v.abs().sum() > 0 for v in ups)  # B moved off zero
+    steps = 1 if optimizer == "scaled-adamw" else 2  # adamw warms up: its first lr is 0
+    args = ["--concept", str(concept), "--base-model", str(tiny_pipeline_dir), "--optimizer",
+            optimizer, "--max-steps", str(steps), "--output-dir", str(out), "--set",
+            "validation_seeds=[]", "--lr", "0.001", *FAST[:2], *EXTRAS[optimizer]]  # fmt: skip
+    assert cli.train_main(args) == 0
     run = yaml.safe_load((out / "run.yaml").read_text())
-    assert run["config"]["optimizer"] == optimizer
+    assert run["config"]["optimizer"]["name"] == optimizer
+    ckpt = RunDir(out).latest_checkpoint()[1]
+    state = torch.load(ckpt.optimizer, weights_only=True)
+    trained = load_file(str(ckpt.trainable))
+    assert len(state["state"]) == len(trained)
+    assert all(set(s) == STATE[optimizer] for s in state["state"].values())
+    assert {g["name"]: g["initial_lr"] for g in state["param_groups"]} == {"unet": 0.001}
+    ups = {n: p for n, p in trained.items() if ".lora_B." in n}
+    assert ups and any(p.abs().sum() > 0 for p in ups.values())
+    if optimizer == "scaled-adamw":
+        moved = torch.cat([p.flatten() for p in ups.values()]).abs()
+        moved = moved[moved > 0]
+        assert moved.max() <= 0.001 * (1 + 1e-5)
+        assert moved.median() == pytest.approx(0.001, rel=1e-3)
 
 
 def _kill_after_checkpoint(args: list[str], checkpoint: Path) -> None:
@@ -224,7 +230,7 @@ def test_resume_after_sigkill_is_bitwise_identical(concept, tiny_pipeline_dir, t
     assert run_train(*common, "--output-dir", str(whole)).returncode == 0
     _kill_after_checkpoint([*common, "--output-dir", str(cut)], cut / "checkpoints" / "step-000002")
     assert not (cut / "lora.safetensors").exists()
-    assert cli._resume_dir("latest", str(tmp_path)) == cut  # the newest run with checkpoints
+    assert resume_dir("latest", str(tmp_path)) == cut  # the newest run with checkpoints
     proc = run_train("--resume", str(cut))
     assert proc.returncode == 0, proc.stderr
     a, b = load_file(str(whole / "lora.safetensors")), load_file(str(cut / "lora.safetensors"))
@@ -384,31 +390,35 @@ def test_sgd_sai_gets_the_configured_g_snr_eps_and_old_runs_keep_theirs(
     setting existed resumes with the paper's 1e-8."""
     flags = {"base_model": str(tiny_pipeline_dir), "resolution": 64}
     cfg, c = config.resolve(str(concept), flags, [])
-    assert cfg.sai_eps == 0.0
+    assert cfg.optimizer.sai_eps == 0.0
     run = recipe.setup(cfg, c, tmp_path / "run")
     assert {g["eps"] for g in run.optimizer.optimizer.param_groups} == {0.0}
 
-    cfg.sai_eps = 1e-8
+    # a run.yaml of a version before sections and before sai_eps: flat, without the key
+    data = {"config": {f: cfg.get(p) for f, p in config.FLAT.items() if p != "optimizer.sai_eps"},
+            "concept": yaml.safe_load(yaml.safe_dump(RunDir(tmp_path).path and {}))}  # fmt: skip
     RunDir(tmp_path).write_config(cfg, c, {})
-    data = yaml.safe_load((tmp_path / "run.yaml").read_text())
-    del data["config"]["sai_eps"]
+    data["concept"] = yaml.safe_load((tmp_path / "run.yaml").read_text())["concept"]
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
-    assert RunDir(tmp_path).read_config()[0].sai_eps == 1e-8
+    old = RunDir(tmp_path).read_config()[0]
+    assert old.optimizer.sai_eps == 1e-8
+    old.optimizer.sai_eps = 0.0
+    assert old == cfg  # every other setting read back from its flat name
 
 
 def test_a_two_word_concept_trains_samples_and_loads(tiny_pipeline_dir, tmp_path):
     """token "<Vthing1>+<Vthing2>" from "<rand-0.013>+dog": the captions' <TOK> and the
     prompts' {token} become both words; embeddings.safetensors holds one vector per word, and
     a stock pipeline that loads the run reads each word as its trained vector."""
-    from sai_diffusion.files.lora_files import load_lora_into
+    from sai_diffusion.models.inference import load_run
 
     concept = make_concept(tmp_path / "concept")
     data = yaml.safe_load(concept.read_text())
     data.update(token="<Vthing1>+<Vthing2>", class_word="<rand-0.013>+dog")
     concept.write_text(yaml.safe_dump(data))
     cfg, c = config.resolve(str(concept), {"resolution": 64}, [])
-    dataset, _ = recipe._setup_data(cfg, c)
-    assert dataset.examples[0].caption == "a photo of <Vthing1> <Vthing2> number 0"
+    images, _ = recipe.concept_data(cfg, c)
+    assert images.examples[0].caption == "a photo of <Vthing1> <Vthing2> number 0"
     assert c.prompts()[1] == "a pencil sketch of <Vthing1> <Vthing2>"
     run = tmp_path / "run"
     args = ["--concept", str(concept), "--base-model", str(tiny_pipeline_dir), "--max-steps",
@@ -419,7 +429,7 @@ def test_a_two_word_concept_trains_samples_and_loads(tiny_pipeline_dir, tmp_path
     assert list(vectors) == ["<Vthing1>", "<Vthing2>"]
     assert not torch.equal(vectors["<Vthing1>"], vectors["<Vthing2>"])
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, local_files_only=True)
-    load_lora_into(pipe, run)
+    load_run(pipe, run)
     rows = pipe.text_encoder.get_input_embeddings().weight
     for word in c.words:
         (token_id,) = pipe.tokenizer(word, add_special_tokens=False).input_ids

@@ -59,8 +59,8 @@ def test_resume_appended_to_the_original_command_is_accepted(concept, tiny_pipel
     code, err = _exit_code([*first, "--rank", "8", "--set", "lr_scheduler=linear",
                             "--resume", str(out)], capsys)  # fmt: skip
     assert code == 2 and len(err.splitlines()) == 1
-    assert "rank: 4 in run.yaml, 8 given" in err
-    assert "lr_scheduler: 'constant' in run.yaml, 'linear' given" in err
+    assert "lora.rank (rank): 4 in run.yaml, 8 given" in err
+    assert "optimizer.schedule (lr_scheduler): 'constant' in run.yaml, 'linear' given" in err
     assert RunDir(out).latest_checkpoint()[0] == 2
 
     code, err = _exit_code([*first, "--resume", str(out), "--max-steps", "3"], capsys)
@@ -170,11 +170,11 @@ def test_text_encoder_checkpointing_lowers_activation_memory_with_the_same_gradi
         )  # fmt: skip
         run = recipe.setup(cfg, c, tmp_path / f"run{checkpointing}")
         assert run.unet.training and run.text_encoder.training and not run.pipe.vae.training
-        captions = [e.caption for e in run.dataset.examples]
+        captions = [e.caption for e in run.inputs.images.examples]
         holder = {}
 
         def encode(run=run, captions=captions, holder=holder):
-            holder["h"] = recipe._encode_text(run, captions)
+            holder["h"] = run.text(captions)
 
         saved.append(_saved_bytes(encode))
         holder["h"].square().mean().backward()

@@ -1,5 +1,5 @@
-"""training.data augmentations: "crop" kept as it was, Mix-of-Show's "resize-crop-pad", and
-caption shuffling and templates."""
+"""training.augment: a concept image as tensors given its draws ("crop", Mix-of-Show's
+"resize-crop-pad", the mask and valid area with them) and caption shuffling and templates."""
 
 from __future__ import annotations
 
@@ -11,12 +11,9 @@ import torch
 from PIL import Image
 
 from sai_diffusion.errors import UserError
-from sai_diffusion.training.data import (
-    CAPTION_TEMPLATES,
-    ConceptDataset,
-    augment_caption,
-    discover_examples,
-)
+from sai_diffusion.files.concept_data import Example, discover_examples
+from sai_diffusion.training.augment import CAPTION_TEMPLATES, ConceptImages, augment_caption
+from sai_diffusion.training.streams import geometry_rng
 
 R = 32  # resolution
 EPOCHS = 40
@@ -80,29 +77,160 @@ def pasted_box(item: dict) -> tuple[int, int, int, int]:
     return top, left, height, width
 
 
-def items(examples, index: int, epochs=range(EPOCHS), **kwargs) -> list[dict]:
-    kwargs.setdefault("random_flip", 0.0)
-    dataset = ConceptDataset(examples, resolution=R, augmentation="resize-crop-pad", **kwargs)
-    out = []
-    for epoch in epochs:
-        dataset.set_epoch(epoch)
-        out.append(dataset[index])
-    return out
+def load(images: ConceptImages, index: int, *, seed=0, epoch=0, flip=False) -> dict:
+    """Image ``index`` with the geometry draws a run of ``seed`` takes for it in ``epoch``."""
+    return images.load(index, geometry=geometry_rng(seed, epoch, index), flip=flip)
+
+
+def items(examples, index: int, epochs=range(EPOCHS), *, seed=0, flips=False, **kwargs):
+    """Image ``index`` over ``epochs`` with resize-crop-pad; ``flips``: every other one
+    mirrored."""
+    images = ConceptImages(examples, resolution=R, augmentation="resize-crop-pad", **kwargs)
+    return [load(images, index, seed=seed, epoch=e, flip=flips and e % 2 == 1) for e in epochs]
+
+
+def save_image(path: Path, size=(24, 16), color=(200, 100, 50), mode="RGB", **save_kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, **save_kwargs)
+    return path
+
+
+def only_example(path: Path, mask_path: Path | None = None) -> list[Example]:
+    return [Example(path, "a photo", mask_path)]
+
+
+def first_item(examples, **kwargs) -> dict:
+    return ConceptImages(examples, **kwargs).load(0, geometry=geometry_rng(0, 0, 0), flip=False)
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def test_items_have_documented_shapes_dtypes_and_ranges(tmp_path):
+    half_black = np.zeros((40, 60, 3), dtype=np.uint8)
+    half_black[:, 30:] = 255
+    path = tmp_path / "bw.png"
+    Image.fromarray(half_black).save(path)
+    item = first_item([Example(path, "cap")], resolution=32, center_crop=True)
+
+    assert item["pixel_values"].shape == (3, 32, 32) and item["pixel_values"].dtype == torch.float32
+    assert item["mask"].shape == (1, 32, 32) and item["mask"].dtype == torch.float32
+    assert torch.equal(item["mask"], torch.ones(1, 32, 32))  # no mask: every pixel counts
+    assert item["caption"] == "cap"
+    pixels = item["pixel_values"]
+    assert pixels.min() == -1.0 and pixels.max() == 1.0  # black and white hit the ends exactly
+    assert pixels.is_contiguous()
+
+
+def test_mask_values_are_in_unit_range(tmp_path):
+    image = save_image(tmp_path / "a.png", size=(30, 30))
+    grey = np.zeros((30, 30), dtype=np.uint8)
+    grey[:, 10:20] = 128
+    grey[:, 20:] = 255
+    Image.fromarray(grey).save(tmp_path / "m.png")
+    mask = first_item([Example(image, "c", tmp_path / "m.png")], resolution=30)["mask"]
+    assert sorted(mask.unique().tolist()) == [0.0, pytest.approx(128 / 255), 1.0]
+    # Resampled masks stay in range too.
+    mask = first_item([Example(image, "c", tmp_path / "m.png")], resolution=17)["mask"]
+    assert mask.min() >= 0.0 and mask.max() <= 1.0
+
+
+def test_small_images_are_upscaled_to_the_resolution(tmp_path):
+    image = save_image(tmp_path / "tiny.png", size=(8, 6))
+    item = first_item(only_example(image), resolution=32)
+    assert item["pixel_values"].shape == (3, 32, 32)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def marker_images(tmp_path, **kwargs) -> ConceptImages:
+    """A 60x90 (portrait) image and mask with the same 12x12 marker on the left."""
+    image = np.full((90, 60, 3), 128, dtype=np.uint8)
+    mask = np.zeros((90, 60), dtype=np.uint8)
+    image[30:42, 6:18] = (255, 0, 0)
+    mask[30:42, 6:18] = 255
+    Image.fromarray(image).save(tmp_path / "img.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    examples = [Example(tmp_path / "img.png", "c", tmp_path / "mask.png")] * 3
+    return ConceptImages(examples, resolution=40, **kwargs)
+
+
+def test_image_and_mask_get_the_same_crop_and_flip(tmp_path):
+    images = marker_images(tmp_path)
+    outcomes = set()
+    for epoch in range(12):
+        item = load(images, 0, seed=3, epoch=epoch, flip=epoch % 3 == 0)
+        redness = ((item["pixel_values"][0] - item["pixel_values"][1]) / 2).clamp(min=0)
+        mask = item["mask"][0]
+        # Resized to 40x60, the marker spans rows 20..28: every crop (offset 0..20) keeps it.
+        assert mask.sum() > 60
+        assert torch.allclose(centroid(redness), centroid(mask), atol=0.5)
+        outcomes.add((round(centroid(mask)[0].item()), centroid(mask)[1].item() > 20))
+    flips = {flipped for _, flipped in outcomes}
+    rows = {row for row, _ in outcomes}
+    assert flips == {False, True}  # both flipped and unflipped outcomes were checked
+    assert len(rows) > 3  # and several vertical crop offsets
+
+
+def test_center_crop_without_flip_puts_the_marker_where_geometry_says(tmp_path):
+    images = marker_images(tmp_path, center_crop=True)
+    # 60x90 -> 40x60, the centre crop drops 10 rows at the top; the marker (rows 30..42,
+    # cols 6..18, scaled by 2/3) lands on rows 10..18, cols 4..12 (give or take the blur).
+    mask = load(images, 0)["mask"][0]
+    assert mask[11:17, 5:11].min() > 0.99
+    assert mask[:8].max() < 0.01 and mask[20:].max() < 0.01 and mask[:, 14:].max() < 0.01
+
+
+def test_a_flip_mirrors_the_unflipped_crop(tmp_path):
+    images = marker_images(tmp_path)
+    plain, mirrored = (load(images, 1, seed=7, epoch=2, flip=f) for f in (False, True))
+    for key in ("pixel_values", "mask"):
+        assert torch.equal(mirrored[key], plain[key].flip(-1))
+
+
+def test_the_same_draws_give_the_same_tensors_whatever_came_before(tmp_path):
+    """A pure transform: a fresh object, the global RNG disturbed, the images read in another
+    order give the same crops; the index, epoch and seed keys each draw their own."""
+    first = marker_images(tmp_path)
+    expected = [load(first, i, seed=11, epoch=4)["pixel_values"] for i in range(3)]
+    torch.manual_seed(123)
+    np.random.seed(123)
+    second = marker_images(tmp_path)
+    for i in (2, 0, 1):
+        assert torch.equal(load(second, i, seed=11, epoch=4)["pixel_values"], expected[i])
+
+    def crops(seed, epoch) -> list[torch.Tensor]:
+        return [load(first, i, seed=seed, epoch=epoch)["pixel_values"] for i in range(3)]
+
+    def all_equal(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> bool:
+        return all(torch.equal(a, b) for a, b in zip(tensors, others, strict=True))
+
+    assert not all_equal(expected, expected[:1] * 3)  # index matters (the same image at each)
+    assert not all_equal(expected, crops(11, 5))  # epoch matters
+    assert not all_equal(expected, crops(12, 4))  # seed matters
+
+
+def test_image_deleted_after_discovery_is_named(tmp_path):
+    image = save_image(tmp_path / "a.png")
+    images = ConceptImages(only_example(image), resolution=8)
+    image.unlink()
+    with pytest.raises(UserError, match="a.png"):
+        load(images, 0)
 
 
 # --------------------------------------------------------------------------- crop
 
 
 def test_crop_is_the_default_and_unchanged_with_valid_all_ones(examples):
-    """Naming "crop" (and a crop_p it ignores) draws exactly what the default dataset draws."""
-    for kwargs in ({}, {"center_crop": True}, {"random_flip": 0.7, "seed": 9}):
-        default = ConceptDataset(examples, resolution=R, **kwargs)
-        named = ConceptDataset(examples, resolution=R, augmentation="crop", crop_p=0.9, **kwargs)
-        for epoch in (0, 1, 5):
-            default.set_epoch(epoch)
-            named.set_epoch(epoch)
+    """Naming "crop" (and a crop_p it ignores) gives exactly what the default gives."""
+    for kwargs in ({}, {"center_crop": True}):
+        default = ConceptImages(examples, resolution=R, **kwargs)
+        named = ConceptImages(examples, resolution=R, augmentation="crop", crop_p=0.9, **kwargs)
+        for epoch, flip in ((0, False), (1, True), (5, False)):
             for index in (PORTRAIT, LANDSCAPE):
-                expected, item = default[index], named[index]
+                expected = load(default, index, seed=9, epoch=epoch, flip=flip)
+                item = load(named, index, seed=9, epoch=epoch, flip=flip)
                 assert torch.equal(item["pixel_values"], expected["pixel_values"])
                 assert torch.equal(item["mask"], expected["mask"])
                 assert torch.equal(item["valid"], torch.ones(1, R, R))
@@ -110,10 +238,10 @@ def test_crop_is_the_default_and_unchanged_with_valid_all_ones(examples):
 
 
 def test_crop_matches_a_reference_of_the_original_algorithm(examples):
-    """Guards the "crop" stream: shorter side to R (bicubic), then the draws top, left, flip."""
-    dataset = ConceptDataset(examples, resolution=R, random_flip=0.5, seed=4)
+    """Guards the "crop" draws: shorter side to R (bicubic), then the geometry stream's top and
+    left; the flip is the example's own draw (``batches``), applied last."""
+    images = ConceptImages(examples, resolution=R)
     for epoch in range(6):
-        dataset.set_epoch(epoch)
         for index, example in enumerate(examples):
             with Image.open(example.image_path) as image:
                 image = image.convert("RGB")
@@ -122,15 +250,16 @@ def test_crop_matches_a_reference_of_the_original_algorithm(examples):
                     (round(image.width * scale), round(image.height * scale)),
                     resample=Image.Resampling.BICUBIC,
                 )
-            rng = dataset.augmentation_rng(index)
+            rng = geometry_rng(4, epoch, index)
             top = int(rng.integers(0, image.height - R + 1))
             left = int(rng.integers(0, image.width - R + 1))
-            flip = bool(rng.random() < 0.5)
+            flip = epoch % 2 == 1
             pixels = np.asarray(image, dtype=np.float32)[top : top + R, left : left + R]
             expected = torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)
             if flip:
                 expected = expected.flip(-1)
-            assert torch.equal(dataset[index]["pixel_values"], expected)
+            got = load(images, index, seed=4, epoch=epoch, flip=flip)["pixel_values"]
+            assert torch.equal(got, expected)
 
 
 # --------------------------------------------------------------------------- resize-crop-pad
@@ -138,7 +267,7 @@ def test_crop_matches_a_reference_of_the_original_algorithm(examples):
 
 @pytest.mark.parametrize("index", [PORTRAIT, LANDSCAPE])
 def test_valid_is_exactly_the_non_black_pasted_rectangle(examples, index):
-    for item in items(examples, index, random_flip=0.5):
+    for item in items(examples, index, flips=True):
         pasted_box(item)
         shown = (item["pixel_values"] != -1.0).any(0)
         assert torch.equal(shown, item["valid"][0] > 0)
@@ -191,7 +320,7 @@ def centroid(weights: torch.Tensor) -> torch.Tensor:
 
 def test_landscape_crop_moves_image_and_mask_together(examples):
     patch_columns = set()
-    for item in items(examples, LANDSCAPE, crop_p=1.0, random_flip=0.5):
+    for item in items(examples, LANDSCAPE, crop_p=1.0, flips=True):
         _, left, _, _ = pasted_box(item)
         red, _, blue = item["pixel_values"]
         violet = (blue > red + 0.2).float()  # the patch; the rest of the image is orange
@@ -204,7 +333,7 @@ def test_landscape_crop_moves_image_and_mask_together(examples):
 
 @pytest.mark.parametrize("index", [PORTRAIT, LANDSCAPE])
 def test_subject_mask_is_zero_outside_the_pasted_area(examples, index):
-    for item in items(examples, index, random_flip=0.5):
+    for item in items(examples, index, flips=True):
         mask, valid = item["mask"][0], item["valid"][0]
         assert mask[valid == 0].abs().max() == 0.0
         assert mask.min() >= 0.0 and mask.max() <= 1.0
@@ -213,21 +342,21 @@ def test_subject_mask_is_zero_outside_the_pasted_area(examples, index):
 
 
 def test_flip_mirrors_pixels_mask_and_valid_and_keeps_the_placement(examples):
-    plain = ConceptDataset(examples, resolution=R, augmentation="resize-crop-pad", random_flip=0.0)
-    mirrored = ConceptDataset(
-        examples, resolution=R, augmentation="resize-crop-pad", random_flip=1.0
-    )
+    images = ConceptImages(examples, resolution=R, augmentation="resize-crop-pad")
     for epoch in (0, 3, 8):
-        plain.set_epoch(epoch)
-        mirrored.set_epoch(epoch)
         for index in (PORTRAIT, LANDSCAPE):
+            plain = load(images, index, epoch=epoch)
+            mirrored = load(images, index, epoch=epoch, flip=True)
             for key in ("pixel_values", "mask", "valid"):
-                assert torch.equal(mirrored[index][key], plain[index][key].flip(-1))
+                assert torch.equal(mirrored[key], plain[key].flip(-1))
 
 
-def test_placement_depends_only_on_seed_epoch_and_index(examples):
+def test_placement_depends_only_on_its_draws(examples):
+    """The same geometry stream gives the same tensors (the transform keeps no state);
+    another epoch or seed another placement."""
+
     def run(seed: int) -> list[dict]:
-        return items(examples, LANDSCAPE, epochs=range(8), seed=seed, random_flip=0.5)
+        return items(examples, LANDSCAPE, epochs=range(8), seed=seed, flips=True)
 
     first, again = run(3), run(3)
     for a, b in zip(first, again, strict=True):
@@ -239,19 +368,25 @@ def test_placement_depends_only_on_seed_epoch_and_index(examples):
 
 
 def test_settings_are_validated_by_name(examples):
-    with pytest.raises(UserError, match="augmentation"):
-        ConceptDataset(examples, resolution=R, augmentation="pad")
+    """The config refuses users' bad values (tests/config); the transform refuses a caller's."""
+    with pytest.raises(ValueError, match="augmentation"):
+        ConceptImages(examples, resolution=R, augmentation="pad")
     for crop_p in (-0.1, 1.5):
-        with pytest.raises(UserError, match="crop_p"):
-            ConceptDataset(examples, resolution=R, augmentation="resize-crop-pad", crop_p=crop_p)
+        with pytest.raises(ValueError, match="crop_p"):
+            ConceptImages(examples, resolution=R, augmentation="resize-crop-pad", crop_p=crop_p)
+    with pytest.raises(ValueError, match="resolution"):
+        ConceptImages(examples, resolution=0)
+    with pytest.raises(ValueError, match="at least one example"):
+        ConceptImages([], resolution=8)
 
 
 def test_center_crop_is_ignored_by_resize_crop_pad(examples):
-    kwargs = {"resolution": R, "augmentation": "resize-crop-pad", "seed": 2}
-    centred = ConceptDataset(examples, center_crop=True, **kwargs)
-    plain = ConceptDataset(examples, **kwargs)
+    kwargs = {"resolution": R, "augmentation": "resize-crop-pad"}
+    centred = ConceptImages(examples, center_crop=True, **kwargs)
+    plain = ConceptImages(examples, **kwargs)
     for index in (PORTRAIT, LANDSCAPE):
-        assert torch.equal(centred[index]["pixel_values"], plain[index]["pixel_values"])
+        a, b = load(centred, index, seed=2), load(plain, index, seed=2)
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
 
 
 # --------------------------------------------------------------------------- captions
@@ -323,6 +458,6 @@ def test_same_seed_same_caption_and_the_permutation_is_drawn_first():
 
 
 def test_negative_keep_tokens_is_refused():
-    with pytest.raises(UserError, match="keep_tokens"):
+    with pytest.raises(ValueError, match="keep_tokens"):
         rng = np.random.default_rng(0)
         augment_caption(CAPTION, rng, shuffle=True, keep_tokens=-1, templates=False)

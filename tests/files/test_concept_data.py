@@ -1,4 +1,5 @@
-"""training.data: folder discovery, its error messages, and augmentation."""
+"""files.concept_data: finding a concept's images, captions and masks in either layout, the
+error messages of every way a folder can be wrong, and reading the images back."""
 
 from __future__ import annotations
 
@@ -6,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sai_diffusion.errors import UserError
-from sai_diffusion.training.data import ConceptDataset, Example, discover_examples
+from sai_diffusion.files.concept_data import Example, discover_examples, load_image
 
 TOKEN = "<Vpotter>"
 
@@ -25,15 +25,6 @@ def write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def only_example(path: Path, mask_path: Path | None = None) -> list[Example]:
-    return [Example(path, "a photo", mask_path)]
-
-
-def first_item(examples, **kwargs) -> dict:
-    kwargs.setdefault("random_flip", 0.0)
-    return ConceptDataset(examples, **kwargs)[0]
 
 
 # --------------------------------------------------------------------------- layouts
@@ -239,42 +230,7 @@ def test_bad_caption_template_is_refused(tmp_path):
     )
 
 
-# --------------------------------------------------------------------------- tensors
-
-
-def test_items_have_documented_shapes_dtypes_and_ranges(tmp_path):
-    half_black = np.zeros((40, 60, 3), dtype=np.uint8)
-    half_black[:, 30:] = 255
-    path = tmp_path / "bw.png"
-    Image.fromarray(half_black).save(path)
-    item = first_item([Example(path, "cap")], resolution=32, center_crop=True)
-
-    assert item["pixel_values"].shape == (3, 32, 32) and item["pixel_values"].dtype == torch.float32
-    assert item["mask"].shape == (1, 32, 32) and item["mask"].dtype == torch.float32
-    assert torch.equal(item["mask"], torch.ones(1, 32, 32))  # no mask: every pixel counts
-    assert item["caption"] == "cap" and item["index"] == 0
-    pixels = item["pixel_values"]
-    assert pixels.min() == -1.0 and pixels.max() == 1.0  # black and white hit the ends exactly
-    assert pixels.is_contiguous()
-
-
-def test_mask_values_are_in_unit_range(tmp_path):
-    image = save_image(tmp_path / "a.png", size=(30, 30))
-    grey = np.zeros((30, 30), dtype=np.uint8)
-    grey[:, 10:20] = 128
-    grey[:, 20:] = 255
-    Image.fromarray(grey).save(tmp_path / "m.png")
-    mask = first_item([Example(image, "c", tmp_path / "m.png")], resolution=30)["mask"]
-    assert sorted(mask.unique().tolist()) == [0.0, pytest.approx(128 / 255), 1.0]
-    # Resampled masks stay in range too.
-    mask = first_item([Example(image, "c", tmp_path / "m.png")], resolution=17)["mask"]
-    assert mask.min() >= 0.0 and mask.max() <= 1.0
-
-
-def test_small_images_are_upscaled_to_the_resolution(tmp_path):
-    image = save_image(tmp_path / "tiny.png", size=(8, 6))
-    item = first_item(only_example(image), resolution=32)
-    assert item["pixel_values"].shape == (3, 32, 32)
+# --------------------------------------------------------------------------- reading
 
 
 def test_rgba_transparency_is_composited_on_white(tmp_path):
@@ -282,11 +238,9 @@ def test_rgba_transparency_is_composited_on_white(tmp_path):
     rgba[:, :8] = (255, 0, 0, 255)  # ...except an opaque red left half
     path = tmp_path / "rgba.png"
     Image.fromarray(rgba, mode="RGBA").save(path)
-    pixels = first_item(only_example(path), resolution=16)["pixel_values"]
-    assert torch.equal(pixels[:, :, 8:], torch.ones(3, 16, 8))  # transparent -> white
-    assert torch.equal(
-        pixels[:, :, :8], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 16, 8)
-    )
+    pixels = np.asarray(load_image(path))  # (H, W, 3) uint8
+    assert (pixels[:, 8:] == 255).all()  # transparent -> white
+    assert (pixels[:, :8] == (255, 0, 0)).all()
 
 
 def test_palette_transparency_is_composited_on_white(tmp_path):
@@ -295,9 +249,9 @@ def test_palette_transparency_is_composited_on_white(tmp_path):
     palette_image.paste(1, (0, 0, 8, 16))
     path = tmp_path / "pal.png"
     palette_image.save(path, transparency=0)
-    pixels = first_item(only_example(path), resolution=16)["pixel_values"]
-    assert torch.equal(pixels[:, :, 8:], torch.ones(3, 16, 8))
-    assert torch.equal(pixels[:, 0, 0], torch.tensor([-1.0, -1.0, 1.0]))
+    pixels = np.asarray(load_image(path))
+    assert (pixels[:, 8:] == 255).all()
+    assert (pixels[0, 0] == (0, 0, 255)).all()
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "1"])
@@ -310,17 +264,17 @@ def test_greyscale_becomes_three_equal_channels(tmp_path, mode):
         image = image.convert("1", dither=Image.Dither.NONE)
     path = tmp_path / f"grey_{mode}.png"
     image.save(path)
-    pixels = first_item(only_example(path), resolution=16)["pixel_values"]
-    assert torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[1], pixels[2])
-    assert pixels.min() == -1.0 and pixels.max() == 1.0
+    pixels = np.asarray(load_image(path))
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    assert pixels.min() == 0 and pixels.max() == 255
 
 
 def test_sixteen_bit_greyscale_is_rescaled_not_clipped(tmp_path):
     values = np.full((16, 16), 32768, dtype=np.uint16)  # mid grey in 16 bits
     path = tmp_path / "g16.png"
     Image.fromarray(values).save(path)
-    pixels = first_item(only_example(path), resolution=16)["pixel_values"]
-    assert torch.allclose(pixels, torch.zeros_like(pixels), atol=0.01)
+    pixels = np.asarray(load_image(path)).astype(int)
+    assert (abs(pixels - 128) <= 1).all()
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -333,10 +287,9 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6
     path = tmp_path / "rotated.png"
     Image.fromarray(stored).save(path, exif=exif)
-    pixels = first_item(only_example(path), resolution=20, center_crop=True)["pixel_values"]
-    red, blue = torch.tensor([1.0, -1.0, -1.0]), torch.tensor([-1.0, -1.0, 1.0])
-    assert torch.equal(pixels[:, 0, 0], red) and torch.equal(pixels[:, 0, -1], red)
-    assert torch.equal(pixels[:, -1, 0], blue) and torch.equal(pixels[:, -1, -1], blue)
+    pixels = np.asarray(load_image(path))
+    assert pixels.shape == (40, 20, 3)  # shown portrait
+    assert (pixels[:20] == (255, 0, 0)).all() and (pixels[20:] == (0, 0, 255)).all()
 
 
 def test_exif_orientation_is_applied_before_the_mask_size_check(tmp_path):
@@ -346,111 +299,3 @@ def test_exif_orientation_is_applied_before_the_mask_size_check(tmp_path):
     save_image(tmp_path / "mask" / "a.png", size=(20, 30), mode="L", color=255)
     [example] = discover_examples(tmp_path, token=TOKEN)
     assert example.mask_path == tmp_path / "mask" / "a.png"
-
-
-# --------------------------------------------------------------------------- augmentation
-
-
-def marker_dataset(tmp_path, **kwargs) -> ConceptDataset:
-    """A 60x90 (portrait) image and mask with the same 12x12 marker on the left."""
-    image = np.full((90, 60, 3), 128, dtype=np.uint8)
-    mask = np.zeros((90, 60), dtype=np.uint8)
-    image[30:42, 6:18] = (255, 0, 0)
-    mask[30:42, 6:18] = 255
-    Image.fromarray(image).save(tmp_path / "img.png")
-    Image.fromarray(mask).save(tmp_path / "mask.png")
-    examples = [Example(tmp_path / "img.png", "c", tmp_path / "mask.png")] * 3
-    return ConceptDataset(examples, resolution=40, **kwargs)
-
-
-def centroid(weights: torch.Tensor) -> torch.Tensor:
-    rows, cols = torch.meshgrid(
-        torch.arange(weights.shape[0], dtype=torch.float32),
-        torch.arange(weights.shape[1], dtype=torch.float32),
-        indexing="ij",
-    )
-    total = weights.sum()
-    return torch.stack([(rows * weights).sum() / total, (cols * weights).sum() / total])
-
-
-def test_image_and_mask_get_the_same_crop_and_flip(tmp_path):
-    dataset = marker_dataset(tmp_path, seed=3)
-    outcomes = set()
-    for epoch in range(12):
-        dataset.set_epoch(epoch)
-        item = dataset[0]
-        redness = ((item["pixel_values"][0] - item["pixel_values"][1]) / 2).clamp(min=0)
-        mask = item["mask"][0]
-        # Resized to 40x60, the marker spans rows 20..28: every crop (offset 0..20) keeps it.
-        assert mask.sum() > 60
-        assert torch.allclose(centroid(redness), centroid(mask), atol=0.5)
-        outcomes.add((round(centroid(mask)[0].item()), centroid(mask)[1].item() > 20))
-    flips = {flipped for _, flipped in outcomes}
-    rows = {row for row, _ in outcomes}
-    assert flips == {False, True}  # both flipped and unflipped outcomes were checked
-    assert len(rows) > 3  # and several vertical crop offsets
-
-
-def test_center_crop_without_flip_puts_the_marker_where_geometry_says(tmp_path):
-    dataset = marker_dataset(tmp_path, center_crop=True, random_flip=0.0)
-    # 60x90 -> 40x60, the centre crop drops 10 rows at the top; the marker (rows 30..42,
-    # cols 6..18, scaled by 2/3) lands on rows 10..18, cols 4..12 (give or take the blur).
-    mask = dataset[0]["mask"][0]
-    assert mask[11:17, 5:11].min() > 0.99
-    assert mask[:8].max() < 0.01 and mask[20:].max() < 0.01 and mask[:, 14:].max() < 0.01
-
-
-def test_full_flip_probability_mirrors_the_unflipped_crop(tmp_path):
-    plain = marker_dataset(tmp_path, random_flip=0.0, seed=7)
-    mirrored = marker_dataset(tmp_path, random_flip=1.0, seed=7)
-    for dataset in (plain, mirrored):
-        dataset.set_epoch(2)
-    for key in ("pixel_values", "mask"):
-        assert torch.equal(mirrored[1][key], plain[1][key].flip(-1))
-
-
-def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
-    first = marker_dataset(tmp_path, seed=11)
-    second = marker_dataset(tmp_path, seed=11)
-
-    first.set_epoch(4)
-    expected = [first[i]["pixel_values"] for i in range(3)]
-    # A "resumed" dataset: fresh object, global RNG disturbed, items read in another order.
-    torch.manual_seed(123)
-    np.random.seed(123)
-    second.set_epoch(4)
-    for i in (2, 0, 1):
-        assert torch.equal(second[i]["pixel_values"], expected[i])
-
-    # The same image sits at every index, yet indices, epochs and seeds each draw their own.
-    def crops(dataset, epoch) -> list[torch.Tensor]:
-        dataset.set_epoch(epoch)
-        return [dataset[i]["pixel_values"] for i in range(3)]
-
-    def all_equal(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> bool:
-        return all(torch.equal(a, b) for a, b in zip(tensors, others, strict=True))
-
-    reference = crops(first, 4)
-    assert not all_equal(reference, reference[:1] * 3)  # index matters
-    assert not all_equal(reference, crops(first, 5))  # epoch matters
-    assert not all_equal(reference, crops(marker_dataset(tmp_path, seed=12), 4))  # seed matters
-
-
-def test_dataset_rejects_bad_settings(tmp_path):
-    image = save_image(tmp_path / "a.png")
-    with pytest.raises(UserError, match="resolution"):
-        ConceptDataset(only_example(image), resolution=0)
-    with pytest.raises(UserError, match="random_flip"):
-        ConceptDataset(only_example(image), resolution=8, random_flip=1.5)
-    with pytest.raises(UserError, match="no examples"):
-        ConceptDataset([], resolution=8)
-    with pytest.raises(IndexError):
-        ConceptDataset(only_example(image), resolution=8)[1]
-
-
-def test_image_deleted_after_discovery_is_named(tmp_path):
-    image = save_image(tmp_path / "a.png")
-    dataset = ConceptDataset(only_example(image), resolution=8)
-    image.unlink()
-    with pytest.raises(UserError, match="a.png"):
-        dataset[0]

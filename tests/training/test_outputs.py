@@ -1,5 +1,6 @@
-"""Two of the settings kohya users expect (issue 18): caption dropout and an EMA of the trained
-tensors, on the tiny model: what they draw, what they save, and their resume."""
+"""training.outputs: the EMA of the trained tensors (its average, its checkpoint names, the
+averages applied for writing and the raw values back), and the EMA's own file set of a run,
+loaded like a run's and resumed bitwise."""
 
 from __future__ import annotations
 
@@ -8,12 +9,48 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from sai_diffusion import config
-from sai_diffusion.files.lora_files import load_lora_into
 from sai_diffusion.files.run_dir import RunDir
+from sai_diffusion.models.inference import load_run
 from sai_diffusion.training import recipe
+from sai_diffusion.training.outputs import EMA
 from tests.helpers import load_pipe, make_concept, run_train
+
+
+def test_the_ema_averages_each_step_and_applies_and_restores():
+    torch.manual_seed(0)
+    embedding = nn.Embedding(10, 4)  # the table a concept's vectors are baked into
+    trained = {"unet.w": nn.Parameter(torch.randn(3, 2)),
+               "text_encoder.vectors": nn.Parameter(torch.randn(2, 4))}  # fmt: skip
+    ema = EMA(trained, decay=0.75)
+    history = [{n: p.detach().clone() for n, p in trained.items()}]
+    for _ in range(3):
+        with torch.no_grad():
+            for p in trained.values():
+                p.add_(torch.randn_like(p))
+        ema.update()
+        history.append({n: p.detach().clone() for n, p in trained.items()})
+    for name in trained:
+        want = history[0][name]
+        for values in history[1:]:
+            want = 0.75 * want + 0.25 * values[name]
+        torch.testing.assert_close(ema.average[name], want, rtol=0, atol=1e-7)
+    assert set(ema.state) == {"ema:unet.w", "ema:text_encoder.vectors"}
+    assert ema.state["ema:unet.w"] is ema.average["unet.w"]  # restoring writes into them
+
+    class Encoder(nn.Module):
+        def get_input_embeddings(self):
+            return embedding
+
+    table = embedding.weight.detach().clone()
+    with ema.applied(Encoder(), token_ids=[7, 8]):
+        assert torch.equal(trained["unet.w"], ema.average["unet.w"])
+        assert torch.equal(embedding.weight[7:9], ema.average["text_encoder.vectors"])
+    assert torch.equal(trained["unet.w"], history[-1]["unet.w"])
+    assert torch.equal(embedding.weight, table)
+
 
 FAST = ["validation_seeds=[]", "checkpoint_every=0"]
 
@@ -29,30 +66,6 @@ def _setup(concept, base, out, *settings, steps=3):
     return recipe.setup(cfg, c, out)
 
 
-def test_caption_dropout_empties_captions_per_example_and_the_cache_holds_the_empty_one(
-    concept, tiny_pipeline_dir, tmp_path
-):
-    never = _setup(concept, tiny_pipeline_dir, tmp_path / "a")
-    always = _setup(concept, tiny_pipeline_dir, tmp_path / "b", "caption_dropout=1")
-    half = _setup(concept, tiny_pipeline_dir, tmp_path / "c", "caption_dropout=0.5")
-    assert all(c for c in recipe._batch(never, 0)["captions"])
-    assert recipe._batch(always, 0)["captions"] == [""] * 4
-    assert "" in always.cache["text"] and "" not in never.cache["text"]
-    drawn = []
-    for step in range(6):  # 24 examples at p 0.5: both kinds, and the same again per step
-        half.step = step
-        drawn += recipe._batch(half, 0)["captions"]
-        assert recipe._batch(half, 0)["captions"] == drawn[-4:]
-    half.step = 0
-    assert "" in drawn and any(drawn)
-    # the other draws (noise, timesteps, latents) are those of the run without dropout
-    a, b = recipe._batch(never, 0), recipe._batch(always, 0)
-    for key in ("noise", "timesteps", "latents"):
-        assert torch.equal(a[key], b[key]), key
-    # and the run trains
-    recipe.train(always)
-
-
 def test_the_ema_is_the_average_of_the_steps_and_its_files_load_in_diffusers(
     concept, tiny_pipeline_dir, tmp_path
 ):
@@ -60,27 +73,28 @@ def test_the_ema_is_the_average_of_the_steps_and_its_files_load_in_diffusers(
     run = _setup(concept, tiny_pipeline_dir, out, "ema_decay=0.5", "text_encoder_lora=true")
     values = [{n: p.detach().clone() for n, p in run.trainable.items()}]
     for _ in range(3):
-        recipe._train_step(run)
+        recipe.train_step(run)
         values.append({n: p.detach().clone() for n, p in run.trainable.items()})
     for name in run.trainable:
         want = values[0][name]
         for v in values[1:]:
             want = 0.5 * want + 0.5 * v[name]
-        torch.testing.assert_close(run.ema[name], want, rtol=0, atol=1e-7)
+        torch.testing.assert_close(run.ema.average[name], want, rtol=0, atol=1e-7)
     recipe.save_outputs(run)
     ema, raw = RunDir(out).ema, RunDir(out)
     assert ema.lora.is_file() and ema.kohya.is_file() and ema.embeddings.is_file()
     # the files hold the averages: an up factor, alpha / rank folded in (lora_files' rule)
     name = next(n for n in run.trainable if n.startswith("unet.") and ".lora_B." in n)
     key = "unet." + name[len("unet.") :].replace(".lora_B.default.weight", ".lora.up.weight")
-    scale = run.cfg.alpha / run.cfg.rank
-    torch.testing.assert_close(load_file(ema.lora)[key], run.ema[name] * scale, rtol=0, atol=1e-7)
+    scale = run.cfg.lora.alpha / run.cfg.lora.rank
+    want = run.ema.average[name] * scale
+    torch.testing.assert_close(load_file(ema.lora)[key], want, rtol=0, atol=1e-7)
     assert not torch.equal(load_file(raw.lora)[key], load_file(ema.lora)[key])
     # the raw tensors are back after the EMA's files were written
     for name, p in run.trainable.items():
         assert torch.equal(p, values[-1][name])
     pipe = load_pipe(tiny_pipeline_dir)  # stock diffusers loads the EMA's set like a run
-    load_lora_into(pipe, ema.path)
+    load_run(pipe, ema.path)
 
 
 @pytest.mark.slow  # three training processes: ~20 s

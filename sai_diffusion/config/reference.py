@@ -1,0 +1,112 @@
+"""The settings reference, generated from the declarations in ``settings``: one table per
+section, every setting with its flat name, type, default, accepted values and help.
+
+    python -m sai_diffusion.config.reference --write docs/training.md   # between the marks
+    python -m sai_diffusion.config.reference --check docs/training.md   # exit 1 when stale
+
+A test keeps docs/training.md's copy equal to what this writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from pathlib import Path
+
+from .settings import SECTIONS, SETTINGS, TrainConfig
+
+BEGIN_MARK = "<!-- settings: begin (python -m sai_diffusion.config.reference --write) -->"
+END_MARK = "<!-- settings: end -->"
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " (optional)"
+    if typing.get_origin(hint) is list:
+        return f"list of {_type_name(args[0])}"
+    return {bool: "true / false", int: "integer", float: "number", str: "text"}.get(hint, str(hint))
+
+
+def _value(value) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) if value else "(none)"
+    if isinstance(value, str):
+        return f'"{value}"' if value else '""'
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _accepts(info) -> str:
+    if info.choices:
+        return " / ".join(info.choices)
+    return info.rule.text.removeprefix("must be ").removeprefix("must ") if info.rule else ""
+
+
+def _table(paths: list[str]) -> list[str]:
+    rows = ["| setting | flat name | type | default | accepts | what it does |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    for path in paths:
+        info = SETTINGS[path]
+        flat = info.flat if info.flat != path else ""
+        doc = info.doc.replace("|", "\\|")
+        rows.append(f"| `{path}` | {f'`{flat}`' if flat else ''} | {_type_name(info.type)} | "
+                    f"`{_value(info.default)}` | {_accepts(info)} | {doc} |")  # fmt: skip
+    return rows
+
+
+def markdown() -> str:
+    """The reference, as it stands between the marks in docs/training.md."""
+    hints = typing.get_type_hints(TrainConfig)
+    top = [p for p in SETTINGS if "." not in p]
+    lines = ["### Run", "", "Top-level settings: `--set max_steps=800`, `max_steps: 800`.", "",
+             *_table(top)]  # fmt: skip
+    for name in SECTIONS:
+        cls = hints[name]
+        first = next(p for p in SETTINGS if p.startswith(name + "."))
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        lines += ["", f"### `{name}`", "", f"{doc} `--set {first}=...`, or in YAML `{name}: "
+                  f"{{{first.split('.')[1]}: ...}}`.", "",
+                  *_table([p for p in SETTINGS if p.startswith(name + ".")])]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _replace_block(text: str, block: str) -> str:
+    start, end = text.index(BEGIN_MARK) + len(BEGIN_MARK), text.index(END_MARK)
+    return text[:start] + "\n" + block + "\n" + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--write", type=Path, help="replace the reference in this Markdown file")
+    group.add_argument("--check", type=Path, help="exit 1 if this file's reference is stale")
+    args = p.parse_args(argv)
+    block = markdown()
+    target = args.write or args.check
+    if target is None:
+        print(block)
+        return 0
+    text = target.read_text(encoding="utf-8")
+    if BEGIN_MARK not in text or END_MARK not in text:
+        print(f"{target}: no {BEGIN_MARK} ... {END_MARK} block", file=sys.stderr)
+        return 2
+    updated = _replace_block(text, block)
+    if args.check:
+        if updated != text:
+            print(f"{target}: the settings reference is stale; run: python -m "
+                  f"sai_diffusion.config.reference --write {target}", file=sys.stderr)  # fmt: skip
+            return 1
+        return 0
+    target.write_text(updated, encoding="utf-8")
+    print(f"wrote the settings reference into {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
