@@ -77,3 +77,38 @@ def atomic_dir(path: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def generated_block_main(
+    argv, *, about: str, block: str, begin: str, end: str, command: str
+) -> int:
+    """The command line of a Markdown block generated from the code (the import graph, the
+    settings reference): print it, ``--write FILE`` it between the ``begin`` and ``end`` marks,
+    or ``--check FILE`` (exit 1 when stale, saying ``command``); exit 2 without the marks."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description=about)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--write", type=Path, help="replace the block in this Markdown file")
+    group.add_argument("--check", type=Path, help="exit 1 if this file's block is stale")
+    args = p.parse_args(argv)
+    target = args.write or args.check
+    if target is None:
+        print(block)
+        return 0
+    text = target.read_text(encoding="utf-8")
+    if begin not in text or end not in text:
+        print(f"{target}: no {begin} ... {end} block", file=sys.stderr)
+        return 2
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    updated = text[:start] + "\n" + block + "\n" + text[stop:]
+    if args.check:
+        if updated != text:
+            print(f"{target}: the generated block is stale; run: {command} --write {target}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        return 0
+    atomic_write_text(target, updated)
+    print(f"wrote the generated block into {target}")
+    return 0

@@ -14,11 +14,12 @@ to what this script draws.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from sai_diffusion.fsutil import generated_block_main
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN_MARK = "<!-- imports: begin (python scripts/architecture.py --write) -->"
@@ -131,36 +132,10 @@ def mermaid() -> str:
     return "\n".join(lines)
 
 
-def _replace_block(text: str, block: str) -> str:
-    start, end = text.index(BEGIN_MARK) + len(BEGIN_MARK), text.index(END_MARK)
-    return text[:start] + "\n" + block + "\n" + text[end:]
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--write", type=Path, help="replace the graph in this Markdown file")
-    group.add_argument("--check", type=Path, help="exit 1 if this file's graph is stale")
-    args = p.parse_args(argv)
-    block = mermaid()
-    target = args.write or args.check
-    if target is None:
-        print(block)
-        return 0
-    text = target.read_text(encoding="utf-8")
-    if BEGIN_MARK not in text or END_MARK not in text:
-        print(f"{target}: no {BEGIN_MARK} ... {END_MARK} block", file=sys.stderr)
-        return 2
-    updated = _replace_block(text, block)
-    if args.check:
-        if updated != text:
-            print(f"{target}: the import graph is stale; run: python scripts/architecture.py "
-                  f"--write {target}", file=sys.stderr)  # fmt: skip
-            return 1
-        return 0
-    target.write_text(updated, encoding="utf-8")
-    print(f"wrote the import graph into {target}")
-    return 0
+    return generated_block_main(argv, about=__doc__.split("\n")[0], block=mermaid(),
+                                begin=BEGIN_MARK, end=END_MARK,
+                                command="python scripts/architecture.py")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -74,6 +74,20 @@ def train_tiny(
     return out
 
 
+def setup_run(concept: Path, base: Path, out: Path, *settings: str, steps: int = 3,
+              batch: int = 4, resolution: int = 64):  # fmt: skip
+    """``recipe.setup`` of a tiny run (no samples, one checkpoint at the end); ``settings`` are
+    ``--set`` items."""
+    from sai_diffusion import config
+    from sai_diffusion.training import recipe
+
+    flags = {"base_model": str(base), "resolution": resolution, "max_steps": steps,
+             "batch_size": batch}  # fmt: skip
+    cfg, c = config.resolve(str(concept), flags,
+                            ["validation_seeds=[]", "checkpoint_every=0", *settings])  # fmt: skip
+    return recipe.setup(cfg, c, out)
+
+
 def load_pipe(base_dir: Path) -> StableDiffusionPipeline:
     """A fresh stock pipeline from conftest's read-only tiny folder (``tiny_pipeline_dir``)."""
     pipe = StableDiffusionPipeline.from_pretrained(base_dir, local_files_only=True)

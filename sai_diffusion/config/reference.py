@@ -9,12 +9,11 @@ A test keeps docs/training.md's copy equal to what this writes.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import types
 import typing
-from pathlib import Path
 
+from ..fsutil import generated_block_main
 from .settings import SECTIONS, SETTINGS, TrainConfig
 
 BEGIN_MARK = "<!-- settings: begin (python -m sai_diffusion.config.reference --write) -->"
@@ -76,36 +75,10 @@ def markdown() -> str:
     return "\n".join(lines)
 
 
-def _replace_block(text: str, block: str) -> str:
-    start, end = text.index(BEGIN_MARK) + len(BEGIN_MARK), text.index(END_MARK)
-    return text[:start] + "\n" + block + "\n" + text[end:]
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--write", type=Path, help="replace the reference in this Markdown file")
-    group.add_argument("--check", type=Path, help="exit 1 if this file's reference is stale")
-    args = p.parse_args(argv)
-    block = markdown()
-    target = args.write or args.check
-    if target is None:
-        print(block)
-        return 0
-    text = target.read_text(encoding="utf-8")
-    if BEGIN_MARK not in text or END_MARK not in text:
-        print(f"{target}: no {BEGIN_MARK} ... {END_MARK} block", file=sys.stderr)
-        return 2
-    updated = _replace_block(text, block)
-    if args.check:
-        if updated != text:
-            print(f"{target}: the settings reference is stale; run: python -m "
-                  f"sai_diffusion.config.reference --write {target}", file=sys.stderr)  # fmt: skip
-            return 1
-        return 0
-    target.write_text(updated, encoding="utf-8")
-    print(f"wrote the settings reference into {target}")
-    return 0
+    return generated_block_main(argv, about=__doc__.split("\n")[0], block=markdown(),
+                                begin=BEGIN_MARK, end=END_MARK,
+                                command="python -m sai_diffusion.config.reference")  # fmt: skip
 
 
 if __name__ == "__main__":

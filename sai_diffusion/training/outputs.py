@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -134,82 +136,76 @@ def metadata(cfg: TrainConfig, concept: Concept, *, lr: float, steps: int,
     }
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What a run's files are written from: the unwrapped modules, the tokenizer, the concept's
+    words, the adapters and how the family names its keys."""
+
+    unet: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    words: list[str]
+    adapters: Adapters
+    keys: FileKeys
+
+
 def write_outputs(
     run_dir: RunDir,
     cfg: TrainConfig,
+    trained: Trained,
     *,
-    unet: nn.Module,
-    text_encoder: nn.Module,
-    tokenizer,
-    words: list[str],
-    adapters: Adapters,
     optimizer: torch.optim.Optimizer,
-    keys: FileKeys,
     header: dict[str, str],
     ema: EMA | None = None,
 ) -> dict[str, Path]:
-    """Write every file of a finished run (module docstring) from the unwrapped modules."""
+    """Write every file of a finished run (module docstring)."""
     header = dict(header)
     gsnr = None
     if isinstance(optimizer, SGDSaI):
-        gsnr = optimizer.gsnr_table({p: n for n, p in adapters.trainable.items()})
+        gsnr = optimizer.gsnr_table({p: n for n, p in trained.adapters.trainable.items()})
         header["sai_gsnr_scales"] = json.dumps({r["name"]: r["scale"] for r in gsnr})
     elif cfg.optimizer.name.startswith("scaled-"):
         reg = cfg.optimizer.scaled_reg
         header["sai_scaled_variant"] = f"peft create_riemannian_optimizer reg={reg:g}"
-
-    def file_set(into: RunDir, header: dict[str, str]) -> dict[str, Path]:
-        return _write_file_set(into, cfg, unet=unet, text_encoder=text_encoder,
-                               tokenizer=tokenizer, words=words, adapters=adapters, keys=keys,
-                               header=header)  # fmt: skip
-
-    files = file_set(run_dir, header)
+    files = _write_file_set(run_dir, cfg, trained, header)
     if gsnr is not None:
         run_dir.write_gsnr(gsnr)
     if ema is not None:  # the averaged tensors, as their own file set in ema/
-        with ema.applied(text_encoder, adapters.token_ids):
+        with ema.applied(trained.text_encoder, trained.adapters.token_ids):
             header = {**header, "sai_ema_decay": f"{cfg.ema.decay:g}"}
-            files |= {f"ema/{k}": v for k, v in file_set(run_dir.ema, header).items()}
+            files |= {f"ema/{k}": v
+                      for k, v in _write_file_set(run_dir.ema, cfg, trained, header).items()}  # fmt: skip
     return files
 
 
 def _write_file_set(
-    run_dir: RunDir,
-    cfg: TrainConfig,
-    *,
-    unet: nn.Module,
-    text_encoder: nn.Module,
-    tokenizer,
-    words: list[str],
-    adapters: Adapters,
-    keys: FileKeys,
-    header: dict[str, str],
+    run_dir: RunDir, cfg: TrainConfig, trained: Trained, header: dict[str, str]
 ) -> dict[str, Path]:
     """lora.safetensors, lora_kohya.safetensors and the words' vectors (embeddings.safetensors,
     or an ED-LoRA run's edlora.safetensors) of the modules as they are, into ``run_dir``."""
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    lora = cfg.lora
+    lora, text_encoder = cfg.lora, trained.text_encoder
     files = save_lora(
         run_dir.path,
-        unet=unet,
+        unet=trained.unet,
         text_encoder=text_encoder if lora.text_encoder else None,
         rank=lora.rank,
         alpha=lora.alpha,
         text_encoder_alpha=lora.text_encoder_alpha,
         metadata=header,
-        keys=keys,
+        keys=trained.keys,
     )
-    if adapters.words is not None:  # (L, D) per word; a TI file would read it as L tokens
+    words = trained.adapters.words
+    if words is not None:  # (L, D) per word; a TI file would read it as L tokens
         files["edlora"] = save_edlora(
             run_dir.edlora,
-            _layerwise_vectors(adapters.words, text_encoder, tokenizer, words),
-            layers=[name for name, _ in edlora.cross_attention_layers(unet)],
+            _layerwise_vectors(words, text_encoder, trained.tokenizer, trained.words),
+            layers=[name for name, _ in edlora.cross_attention_layers(trained.unet)],
             metadata={k: header[k] for k in ("sai_concept", "sai_token", "sai_base_model")},
         )
     else:
-        files["embeddings"] = save_embeddings(
-            run_dir.embeddings, tokenizer=tokenizer, text_encoder=text_encoder, tokens=words
-        )
+        files["embeddings"] = save_embeddings(run_dir.embeddings, tokenizer=trained.tokenizer,
+                                              text_encoder=text_encoder, tokens=trained.words)  # fmt: skip
     return files
 
 

@@ -48,7 +48,7 @@ from .checkpoints import TrainingState, resume, save_checkpoint
 from .held_out import HeldOut, split_examples
 from .inputs import InputBuilder, LatentCache, cached_crops_note, encode_fixed
 from .objective import Objective
-from .outputs import EMA, MetricsLog, check_scales_agree, metadata, write_outputs
+from .outputs import EMA, MetricsLog, Trained, check_scales_agree, metadata, write_outputs
 from .schedule import build_lr_scheduler
 from .text import CaptionEncoder
 
@@ -476,10 +476,10 @@ def save_outputs(run: Run) -> dict[str, Path]:
     header = metadata(run.cfg, run.concept, lr=run.lr, steps=run.step,
                       fingerprint=run.base_fingerprint)  # fmt: skip
     try:
-        return write_outputs(run.run_dir, run.cfg, unet=_plain(run, run.unet),
-                             text_encoder=text_encoder, tokenizer=run.pipe.tokenizer,
-                             words=run.concept.words, adapters=run.adapters, optimizer=optimizer,
-                             keys=run.family.file_keys, header=header, ema=run.ema)  # fmt: skip
+        trained = Trained(_plain(run, run.unet), text_encoder, run.pipe.tokenizer,
+                          run.concept.words, run.adapters, run.family.file_keys)  # fmt: skip
+        return write_outputs(run.run_dir, run.cfg, trained, optimizer=optimizer, header=header,
+                             ema=run.ema)  # fmt: skip
     except OSError as exc:
         raise UserError(
             f"cannot write the outputs of {run.run_dir.path} ({first_line(exc)}); free disk "

@@ -108,6 +108,7 @@ def test_miniature_is_the_default_base_model_and_the_name_resolves():
 
 
 # ------------------------------------------------------------------ the demo, end to end
+@pytest.mark.slow  # the demo run (a module fixture) and a real sai-eval process: ~20 s
 def test_demo_trains_without_a_base_model_and_evaluates(demo_run):
     saved = yaml.safe_load((demo_run / "run.yaml").read_text(encoding="utf-8"))
     assert saved["config"]["base"]["model"] == "miniature"
@@ -133,6 +134,7 @@ def test_demo_trains_without_a_base_model_and_evaluates(demo_run):
     assert len(sketch["run"]["judged"]) == len(sketch["base"]["judged"]) == 2
 
 
+@pytest.mark.slow  # two evaluations of the demo run: ~10 s
 def test_eval_is_deterministic_and_can_skip_the_base_model(demo_run):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -179,6 +181,7 @@ def test_runs_on_one_base_model_share_its_images(demo_run, monkeypatch):
     assert other_seed["settings"]["seeds"] == [6] and "base" in other_seed["per_prompt"][0]
 
 
+@pytest.mark.slow  # a training and a real sai-eval process: ~14 s
 def test_eval_of_a_real_concept_offline_without_models_and_of_a_non_run_exit_2(
     tmp_path, tiny_pipeline_dir, capsys, monkeypatch
 ):
@@ -319,6 +322,7 @@ def test_quality_benchmark_writes_its_table_and_plot_and_resumes(tmp_path):
     assert again.returncode == 0 and "0 runs to train (2 already in" in again.stdout
 
 
+@pytest.mark.slow  # an evaluation with CLIP and DINO: ~10 s
 def test_a_miniature_run_gains_the_clip_figures_when_a_clip_model_is_given(
     demo_run, scorer_dirs, tmp_path
 ):
@@ -336,6 +340,7 @@ def test_a_miniature_run_gains_the_clip_figures_when_a_clip_model_is_given(
     assert len(list((run / "eval").glob("p*-s0.png"))) == len(report["per_prompt"])
 
 
+@pytest.mark.slow  # the demo run judged with the class word too: ~15 s
 def test_class_fidelity_judges_the_prompts_with_the_class_word(demo_run, capsys):
     """The demo's class word is "circle": the base model draws circles when asked for them
     and no hearts, so its class figure is far above its concept figure."""

@@ -129,6 +129,7 @@ cli.train_entry()
 """
 
 
+@pytest.mark.slow  # two real training processes: ~10 s
 def test_a_nan_on_one_rank_ends_every_rank_with_exit_3_and_the_same_message(
     tiny_pipeline_dir, tmp_path
 ):

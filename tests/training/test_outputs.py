@@ -11,12 +11,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from sai_diffusion import config
 from sai_diffusion.files.run_dir import RunDir
 from sai_diffusion.models.inference import load_run
 from sai_diffusion.training import recipe
 from sai_diffusion.training.outputs import EMA
-from tests.helpers import load_pipe, make_concept, run_train
+from tests.helpers import load_pipe, make_concept, run_train, setup_run
 
 
 def test_the_ema_averages_each_step_and_applies_and_restores():
@@ -52,25 +51,16 @@ def test_the_ema_averages_each_step_and_applies_and_restores():
     assert torch.equal(embedding.weight, table)
 
 
-FAST = ["validation_seeds=[]", "checkpoint_every=0"]
-
-
 @pytest.fixture()
 def concept(tmp_path: Path) -> Path:
     return make_concept(tmp_path / "concept", n=4)
-
-
-def _setup(concept, base, out, *settings, steps=3):
-    flags = {"base_model": str(base), "resolution": 64, "max_steps": steps, "batch_size": 4}
-    cfg, c = config.resolve(str(concept), flags, [*FAST, *settings])
-    return recipe.setup(cfg, c, out)
 
 
 def test_the_ema_is_the_average_of_the_steps_and_its_files_load_in_diffusers(
     concept, tiny_pipeline_dir, tmp_path
 ):
     out = tmp_path / "run"
-    run = _setup(concept, tiny_pipeline_dir, out, "ema_decay=0.5", "text_encoder_lora=true")
+    run = setup_run(concept, tiny_pipeline_dir, out, "ema_decay=0.5", "text_encoder_lora=true")
     values = [{n: p.detach().clone() for n, p in run.trainable.items()}]
     for _ in range(3):
         recipe.train_step(run)

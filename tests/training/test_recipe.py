@@ -45,6 +45,7 @@ def concept(tmp_path: Path) -> Path:
     return make_concept(tmp_path / "concept")
 
 
+@pytest.mark.slow  # a real training process and sai-sample: ~10 s
 def test_cli_trains_and_writes_the_run_folder(concept, tiny_pipeline_dir, tmp_path):
     """A real `sai-train-lora` process writes every file of the run-directory contract."""
     out = tmp_path / "run"

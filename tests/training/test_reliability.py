@@ -340,6 +340,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow  # real training processes: ~10 s
 def test_a_checkpoint_write_that_fails_exits_2_and_keeps_the_previous_one(
     concept, tiny_pipeline_dir, tmp_path
 ):
@@ -397,6 +398,7 @@ def test_resume_compares_the_concept_file_with_the_one_the_run_started_from(
     assert code == 2 and "train.rank: 4 when the run started, 16 now" in err
 
 
+@pytest.mark.slow  # real training processes under a file-size limit: ~10 s
 def test_a_full_disk_while_logging_is_one_line_with_exit_2(concept, tiny_pipeline_dir, tmp_path):
     """Any write that fails for lack of space (here the metrics or run.yaml, past a per-file
     size limit) ends with exit 2 naming the file, not a traceback (found in review)."""

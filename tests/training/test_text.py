@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sai_diffusion import config
 from sai_diffusion.models import edlora
 from sai_diffusion.models.family import STABLE_DIFFUSION
 from sai_diffusion.models.tokens import add_concept_tokens, tokenize
 from sai_diffusion.training import recipe
 from sai_diffusion.training.text import CaptionEncoder
-from tests.helpers import load_pipe, make_concept
+from tests.helpers import load_pipe, make_concept, setup_run
 
 CAPTIONS = ["a photo of <V1> <V2>", "a pencil sketch of <V1> <V2>, red", ""]
 
@@ -70,26 +69,17 @@ def test_edlora_captions_are_laid_out_per_layer_and_word_positions_read_layer_0(
     assert [ids[j].item() for j in positions[1]] == layer_0  # the words as layer 0 reads them
 
 
-FAST = ["validation_seeds=[]", "checkpoint_every=0"]
-
-
 @pytest.fixture()
 def concept(tmp_path: Path) -> Path:
     return make_concept(tmp_path / "concept", n=4)
 
 
-def _setup(concept, base, out, *settings, steps=3):
-    flags = {"base_model": str(base), "resolution": 64, "max_steps": steps, "batch_size": 4}
-    cfg, c = config.resolve(str(concept), flags, [*FAST, *settings])
-    return recipe.setup(cfg, c, out)
-
-
 def test_caption_dropout_empties_captions_per_example_and_the_cache_holds_the_empty_one(
     concept, tiny_pipeline_dir, tmp_path
 ):
-    never = _setup(concept, tiny_pipeline_dir, tmp_path / "a")
-    always = _setup(concept, tiny_pipeline_dir, tmp_path / "b", "caption_dropout=1")
-    half = _setup(concept, tiny_pipeline_dir, tmp_path / "c", "caption_dropout=0.5")
+    never = setup_run(concept, tiny_pipeline_dir, tmp_path / "a")
+    always = setup_run(concept, tiny_pipeline_dir, tmp_path / "b", "caption_dropout=1")
+    half = setup_run(concept, tiny_pipeline_dir, tmp_path / "c", "caption_dropout=0.5")
 
     def captions(run, step=0):
         return [d.caption for d in run.batches.batch(step, 0).examples]
