@@ -21,7 +21,7 @@ from pathlib import Path
 from . import config
 from ._resources import app_dir
 from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, TrainingDiverged, UserError
-from .files.run_dir import EVAL_FILE, RUN_FILE, RunDir
+from .files.run_dir import EVAL_FILE, RUN_FILE, RunDir, load_run_info
 from .optim import OPTIMIZERS
 
 # full disk, quota, read-only filesystem, file too large, no permission
@@ -172,8 +172,7 @@ def sample_main(argv: list[str] | None = None) -> int:
             f"{run.path} has no {run.lora.name}: the run has not finished; resume it "
             f"with sai-train-lora --resume {run.path}"
         )
-    from .files.run_dir import load_run_info  # torch: only once the run proved good
-    from .models.inference import RunModels
+    from .models.inference import RunModels  # torch: only once the run proved good
     from .models.sampling import SampleSettings, write_samples
 
     models = RunModels([load_run_info(run.path)], scheduler="native")  # the model's sampler
@@ -340,7 +339,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     for run_dir in args.run_dirs:  # before torch loads: a typo answers at once
         _, concepts[run_dir], _ = RunDir(run_dir).read_config()
     if args.prompts is not None:
-        from .evaluation.evaluator import read_prompts  # no torch: checked before any model loads
+        from .evaluation.evaluator import read_prompts  # checked before any model loads
 
         read_prompts(args.prompts)
     from .miniature.concept import judges  # no torch

@@ -416,10 +416,6 @@ class SettingInfo:
     rule: Rule | None
     choices: tuple[str, ...] | None
 
-    @property
-    def section(self) -> str:
-        return self.path.rpartition(".")[0]
-
 
 def _table() -> dict[str, SettingInfo]:
     out: dict[str, SettingInfo] = {}
@@ -530,6 +526,7 @@ def _check_class_words(concept) -> None:
 # (the setting, when it acts, what the settings that decide it are now): a setting whose
 # condition is false does nothing in this run
 _SGD_FAMILY = ("sgd-sai", "sgd", "scaled-sgd")
+_SINGLE_FILE = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # models.base reads these
 _INERT_RULES: tuple[tuple[str, Callable[[TrainConfig], bool], str, str], ...] = (
     ("optimizer.momentum", lambda c: c.optimizer.name in _SGD_FAMILY,
      "optimizer.name sgd-sai, sgd or scaled-sgd", "optimizer.name"),
@@ -558,6 +555,8 @@ _INERT_RULES: tuple[tuple[str, Callable[[TrainConfig], bool], str, str], ...] = 
      "prior.class_data or prior.num_class_images", "prior.num_class_images"),
     ("validation.loss_every", lambda c: c.validation.split > 0 or bool(c.validation.data),
      "validation.split or validation.data", "validation.split"),
+    ("base.config", lambda c: str(c.base.model).lower().endswith(_SINGLE_FILE),
+     "base.model a single-file checkpoint (.safetensors, .ckpt)", "base.model"),
     ("compute.vae_fp32", lambda c: c.compute.mixed_precision != "no",
      "compute.mixed_precision fp16 or bf16 (in fp32 every module is fp32)",
      "compute.mixed_precision"),

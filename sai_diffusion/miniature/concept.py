@@ -1,5 +1,5 @@
 """A miniature-world concept: the world object its token stands for, named in the concept's
-``evaluation`` section and checked here, where the world is known (``config.py`` only checks
+``evaluation`` section and checked here, where the world is known (``config`` only checks
 that it is a name). No torch: the command line and the quality benchmark ask before training."""
 
 from __future__ import annotations

@@ -188,6 +188,7 @@ def test_every_flat_name_the_docs_and_shipped_configs_use_still_works():
     ("class_prompt", "a photo of a dog", "prior.num_class_images"),
     ("validation_loss_every", 10, "validation.split"),
     ("vae_fp32", False, "compute.mixed_precision"),
+    ("base_config", "configs/sd15", "base.model"),
 ])  # fmt: skip
 def test_a_setting_that_cannot_act_is_refused_on_the_command_line_naming_both(
     tmp_path, setting, value, needs

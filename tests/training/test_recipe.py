@@ -450,3 +450,23 @@ def test_a_two_word_concept_trains_samples_and_loads(tiny_pipeline_dir, tmp_path
     assert comparer.base_prompt("a pencil sketch of {token}") == "a pencil sketch of dog"
     shown = comparer.compare("a pencil sketch of {token}", [1], steps=2, with_base=True)
     assert len(shown.rows) == 2
+
+
+def test_a_setting_a_yaml_sets_that_cannot_act_is_warned_once_and_the_run_trains(
+    concept, tiny_pipeline_dir, tmp_path, capsys
+):
+    """A shared preset may set what one optimizer ignores (potter.yaml's scaled_reg under
+    SGD-SaI): the run says so in one line naming both settings, and trains."""
+    data = yaml.safe_load(concept.read_text())
+    concept.write_text(yaml.safe_dump({**data, "train": {"scaled_reg": 0.0, "keep_tokens": 2}}))
+    out = tmp_path / "run"
+    args = ["--concept", str(concept), "--base-model", str(tiny_pipeline_dir), "--max-steps",
+            "1", "--output-dir", str(out), "--set", "validation_seeds=[]", *FAST[:2]]  # fmt: skip
+    assert cli.train_main(args) == 0
+    printed = capsys.readouterr().out
+    warnings = [line for line in printed.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2
+    assert "optimizer.scaled_reg (scaled_reg) = 0.0 acts only with optimizer.name" in warnings[0]
+    assert "'sgd-sai'; it is ignored" in warnings[0]
+    assert "captions.keep_tokens" in warnings[1] and "captions.shuffle" in warnings[1]
+    assert RunDir(out).is_finished
