@@ -19,8 +19,11 @@ from sai_diffusion.training.objective import Objective
 from tests.helpers import make_concept
 
 
-@pytest.fixture()
-def run(tiny_pipeline_dir, tmp_path):
+@pytest.fixture(scope="module")
+def run(tiny_pipeline_dir, tmp_path_factory):
+    """A tiny run set up (not trained) on a concept whose masks are its images' left halves;
+    the tests read it only."""
+    tmp_path = tmp_path_factory.mktemp("objective")
     concept = make_concept(tmp_path / "c", n=3, layout="mix")
     (tmp_path / "c" / "data" / "mask").mkdir()
     for i in range(3):  # the subject: the left half of each 80 x 72 image
