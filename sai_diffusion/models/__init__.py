@@ -1,3 +1,5 @@
 """The diffusers and peft objects a run works on: the base model loaded from whatever the user
-points at (``base``), the LoRA adapters (``lora``) and concept tokens (``tokens``) added to it,
-and image generation with fixed seeds (``sampling``)."""
+points at (``base``) and what differs between model families (``family``), the LoRA adapters
+(``lora``), concept tokens (``tokens``) and ED-LoRA's layer-wise words (``edlora``) added to it,
+finished runs loaded for drawing (``inference``), and image generation with fixed seeds
+(``sampling``)."""

@@ -111,7 +111,7 @@ def load_latest_checkpoint(run_dir: RunDir, state: TrainingState) -> int:
     )
 
 
-def resume(run_dir: RunDir, state: TrainingState, *, max_steps: int) -> int:
+def restore_latest(run_dir: RunDir, state: TrainingState, *, max_steps: int) -> int:
     """Restore ``state`` from the latest checkpoint (``load_latest_checkpoint``) for a run of
     ``max_steps``, its lr schedule re-planned when the length changed; returns the step.
 

@@ -44,7 +44,7 @@ from .adapters import Adapters, NormStop, add_adapters
 from .augment import ConceptImages
 from .batches import Batches, CaptionDraws
 from .buckets import bucket_schedule, bucket_sizes
-from .checkpoints import TrainingState, resume, save_checkpoint
+from .checkpoints import TrainingState, restore_latest, save_checkpoint
 from .held_out import HeldOut, split_examples
 from .inputs import InputBuilder, LatentCache, cached_crops_note, encode_fixed
 from .objective import Objective
@@ -298,7 +298,7 @@ def _fill_caches(run: Run, held_out: list[Example], classes: list[Example] | Non
 
 def _restore(run: Run) -> None:
     """Continue from the latest complete checkpoint of the run folder."""
-    run.step = resume(run.run_dir, training_state(run), max_steps=run.cfg.max_steps)
+    run.step = restore_latest(run.run_dir, training_state(run), max_steps=run.cfg.max_steps)
     if run.accelerator.is_main_process:
         run.run_dir.truncate_metrics(run.step)  # the steps after it are trained again
     run.norm_stop.check()  # a run whose vectors had reached the limit keeps them stopped
