@@ -54,21 +54,34 @@ class RunWords:
     layerwise: edlora.LayerWords | None = None
 
 
-def add_run_words(pipe, run_dir: Path) -> RunWords:
+@dataclass(frozen=True)
+class RunFiles:
+    """A run's word files, read: its words' vectors, or ED-LoRA's (vectors, layer names)."""
+
+    run: RunDir
+    vectors: dict[str, torch.Tensor]
+    layerwise: tuple | None
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunFiles:
+        """Raises UserError for an unreadable embeddings or edlora file."""
+        run = RunDir(run_dir)
+        return cls(run, read_embeddings(run.path), read_edlora(run.path))
+
+
+def add_run_words(pipe, run: Path | RunFiles) -> RunWords:
     """A run's words into ``pipe`` (a token it lacks is added, one it has gets the run's row).
     Before any adapter: resizing the embedding table must not meet peft's wrappers.
 
     Raises:
         UserError: an unreadable embeddings or edlora file, or one of another base model.
     """
-    run = RunDir(run_dir)
-    vectors = read_embeddings(run.path)
-    set_token_embeddings(pipe, vectors)
-    found = read_edlora(run.path)
-    if found is None:
-        return RunWords(vectors)
-    words = edlora.apply_layerwise(pipe, *found, where=str(run.edlora))
-    return RunWords(edlora.vectors_by_token(found[0]), words)
+    files = run if isinstance(run, RunFiles) else RunFiles.read(run)
+    set_token_embeddings(pipe, files.vectors)
+    if files.layerwise is None:
+        return RunWords(files.vectors)
+    words = edlora.apply_layerwise(pipe, *files.layerwise, where=str(files.run.edlora))
+    return RunWords(edlora.vectors_by_token(files.layerwise[0]), words)
 
 
 def add_run_adapter(pipe, run_dir: Path, adapter: str) -> None:
@@ -139,14 +152,14 @@ class RunModels:
         self.runs = checked_runs(runs)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._lock = threading.Lock()
-        for run in self.runs:  # files first: a bad one fails before the model loads
-            read_embeddings(run.path), read_edlora(run.path)
+        # files first: a bad one fails before the model loads
+        files = {r.name: RunFiles.read(r.path) for r in self.runs}
         cfg, _, _ = _base_source(self.runs).files.read_config()
         base = load_base(cfg)
         self.family = family_of(base)
         self.pipe = self.family.sampling_pipeline(base, scheduler=scheduler)
         # every run's words before any adapter (add_run_words), then the adapters
-        self._words = {r.name: add_run_words(self.pipe, r.path) for r in self.runs}
+        self._words = {name: add_run_words(self.pipe, read) for name, read in files.items()}
         edlora.set_layer_words(self.pipe.unet, None)
         self._adapters = {r.name: f"r{i}_" + re.sub(r"\W", "_", r.name)  # peft: no "."
                           for i, r in enumerate(self.runs)}  # fmt: skip
