@@ -30,8 +30,18 @@ def configs_dir() -> Path:
 
 
 def sd15_config_dir() -> Path:
-    """The weight-free SD 1.5 diffusers config folder used to load single-file checkpoints."""
+    """The weight-free SD 1.5 diffusers config folder for SD 1.x single-file checkpoints."""
     return configs_dir() / "sd15"
+
+
+def sd2_config_dir() -> Path:
+    """The weight-free SD 2.1 (768-v) diffusers config folder for SD 2.x single files."""
+    return configs_dir() / "sd2"
+
+
+def sdxl_config_dir() -> Path:
+    """The weight-free SDXL base 1.0 diffusers config folder for SDXL single files."""
+    return configs_dir() / "sdxl"
 
 
 def miniature_dir() -> Path:

@@ -29,7 +29,15 @@ reference, the peak resident memory of the process while training (after the mod
 the loop's own), and model FLOPs utilisation: torch's FLOP counter over one step divided by the
 step time and by the machine's measured fp32 matmul rate (a 2048^3 GEMM), the practical peak.
 ``--model sd15`` builds the SD 1.5 architecture with random weights from configs/sd15 (no
-download). On CUDA, add ``--device cuda --precision bf16``.
+download); ``--model sdxl`` the SDXL base architecture from configs/sdxl (2.6 B UNet, two text
+encoders; the reference loop is SD-only, so compare its ours-* loops with the same loops of
+``--model sd15`` at the same resolution). On CUDA, add ``--device cuda --precision bf16``.
+
+SGD-SaI loops also report the g-SNR scales they took (``gsnr``, each fixed at its tensor's
+first gradient): per part and UNet stage, the smallest, median and largest scale, and the
+range of g-SNR / sqrt(numel) (1 everywhere when g-SNR is tensor size, REFERENCES.md section 8).
+LoRA's A matrices get their first gradient at step 2 (B = 0 at step 1); their g-SNR is divided
+by the max of step 1 and capped at 1.
 """
 
 from __future__ import annotations
@@ -87,6 +95,65 @@ def sd15_random(out: Path, seed: int) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out)
+    return out
+
+
+def sdxl_random(out: Path, seed: int) -> Path:
+    """The SDXL base architecture (configs/sdxl) with random weights, saved as a diffusers
+    folder (about 14 GB in fp32)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    from sai_diffusion._resources import sdxl_config_dir
+
+    if (out / "model_index.json").is_file():
+        return out
+    config = sdxl_config_dir()
+    torch.manual_seed(seed)
+    pipe = StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet")),
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder")),
+        text_encoder_2=CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(config / "text_encoder_2")
+        ),
+        tokenizer=CLIPTokenizer.from_pretrained(config / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(config / "tokenizer_2"),
+        scheduler=DDPMScheduler.from_config(DDPMScheduler.load_config(config / "scheduler")),
+    )
+    pipe.save_pretrained(out)
+    return out
+
+
+def gsnr_summary(rows: list[dict]) -> dict:
+    """The scales SGD-SaI took, by part (UNet stage, text encoder, embeddings): n blocks,
+    min / median / max scale, and the range of g-SNR / sqrt(numel)."""
+    rows = [r for r in rows if r["scale"] is not None]
+    parts: dict[str, list[dict]] = {}
+    for r in rows:
+        name = r["name"]
+        head = name.split(".")[0]
+        if head == "unet":
+            stage = name.split(".")[1]  # down_blocks / mid_block / up_blocks
+            level = name.split(".")[2] if stage != "mid_block" else ""
+            head = f"unet.{stage}{'.' + level if level else ''}"
+        parts.setdefault(head, []).append(r)
+    out = {}
+    for part, group in parts.items():
+        scales = sorted(r["scale"] for r in group)
+        size = [r["gsnr"] / r["numel"] ** 0.5 for r in group]
+        out[part] = dict(blocks=len(group), min=scales[0], median=statistics.median(scales),
+                         max=scales[-1], gsnr_over_sqrt_numel=(min(size), max(size)))  # fmt: skip
     return out
 
 
@@ -230,7 +297,12 @@ def _ours(args, device: torch.device, base: str, concept, loop: str, run_dir: Pa
     run = recipe.setup(cfg, c, run_dir)
     if loop == "ours-compiled":
         run.unet = torch.compile(run.unet)
-    return lambda: recipe.train_step(run)
+
+    def step():
+        return recipe.train_step(run)
+
+    step.run = run  # for the g-SNR table
+    return step
 
 
 def one(args) -> dict:
@@ -251,15 +323,21 @@ def one(args) -> dict:
         times = time_steps(step, warmup=args.warmup, steps=args.steps, device=device)
         peak = peak_memory_mb(device)
         flops = count_flops(step)
+        gsnr = None
+        run = getattr(step, "run", None)
+        optimizer = getattr(run.optimizer, "optimizer", run.optimizer) if run else None
+        if hasattr(optimizer, "gsnr_table"):  # under accelerate's wrapper
+            names = {p: n for n, p in run.trainable.items()}
+            gsnr = gsnr_summary(optimizer.gsnr_table(names))
     median = statistics.median(times)
     return dict(loop=args.one, step_s=median, step_s_all=times, steps_per_s=1 / median,
-                first_step_s=first_s, peak_mib=peak, flops_per_step=flops)  # fmt: skip
+                first_step_s=first_s, peak_mib=peak, flops_per_step=flops, gsnr=gsnr)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("miniature", "sd15"), default="miniature")
+    p.add_argument("--model", choices=("miniature", "sd15", "sdxl"), default="miniature")
     p.add_argument("--concept", default="demo", help="concept whose images train (default demo)")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=1)
@@ -283,8 +361,11 @@ def main(argv=None) -> None:
     from sai_diffusion.machine import describe_machine
 
     device = torch.device(args.device)
-    base = "miniature" if args.model == "miniature" else str(sd15_random(args.cache, seed=0))
-    if args.model == "miniature":
+    if args.model == "sdxl":
+        base = str(sdxl_random(args.cache.with_name(args.cache.name + "-sdxl"), seed=0))
+    elif args.model == "sd15":
+        base = str(sd15_random(args.cache, seed=0))
+    else:
         from sai_diffusion.models.base import resolve_source
 
         base = str(resolve_source("miniature"))
@@ -318,6 +399,15 @@ def main(argv=None) -> None:
             f"| {r['steps_per_s']:.2f} | {speedup} "
             f"| {r['peak_mib']:,.0f} | {r['flops_per_step'] / 1e9:.2f} | {mfu:.1%} |"
         )
+    for r in results:
+        if r.get("gsnr"):
+            lines += ["", f"g-SNR scales of {r['loop']} (each fixed at its first gradient):", "",
+                      "| part | blocks | scale min | median | max | g-SNR / sqrt(numel) |",
+                      "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+            lines += [f"| {part} | {g['blocks']} | {g['min']:.3f} | {g['median']:.3f} | "
+                      f"{g['max']:.3f} | {g['gsnr_over_sqrt_numel'][0]:.3f}-"
+                      f"{g['gsnr_over_sqrt_numel'][1]:.3f} |"
+                      for part, g in r["gsnr"].items()]  # fmt: skip
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sai_diffusion.files.ldm import save_single_file
-from sai_diffusion.miniature.tiny import build_tiny_pipeline
+from sai_diffusion.miniature.tiny import (
+    build_tiny_pipeline,
+    build_tiny_sd2_pipeline,
+    build_tiny_sdxl_pipeline,
+)
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +25,22 @@ def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny diffusers folder (model_index.json, safetensors weights), seed 0."""
     out = tmp_path_factory.mktemp("tiny") / "pipeline"
     build_tiny_pipeline(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny SDXL-architecture diffusers folder (two text encoders, size conditioning)."""
+    out = tmp_path_factory.mktemp("tiny-sdxl") / "pipeline"
+    build_tiny_sdxl_pipeline(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny SD 2.x-architecture diffusers folder (v-prediction)."""
+    out = tmp_path_factory.mktemp("tiny-sd2") / "pipeline"
+    build_tiny_sd2_pipeline(out, seed=0)
     return out
 
 

@@ -116,10 +116,15 @@ class BaseModel:
         "or `miniature` (the built-in model)", flat="base_model")  # fmt: skip
     config: str | None = setting(
         None, "a weight-free diffusers config folder for a single-file checkpoint (default: "
-        "the shipped configs/sd15)", flat="base_config")  # fmt: skip
+        "the shipped one of its family: configs/sd15, configs/sd2 or configs/sdxl)",
+        flat="base_config")  # fmt: skip
     allow_pickle: bool = setting(
         False, "load pickle weights (.ckpt, .bin), which can run code when loaded"
     )
+    prediction_type: str = setting(
+        "auto", "what the UNet predicts: auto (the model's scheduler config; for an SD 2.x "
+        "single file, a v_pred marker or its weights), epsilon or v_prediction",
+        choices=("auto", "epsilon", "v_prediction"))  # fmt: skip
 
 
 @dataclass
@@ -170,6 +175,9 @@ class Lora:
         rule=Rule(bool, "must name at least one module"))  # fmt: skip
     text_encoder: bool = setting(False, "LoRA on the text encoder's attention too",
                                  flat="text_encoder_lora")  # fmt: skip
+    text_encoder_2: bool | None = setting(
+        None, "SDXL-class models: LoRA on the second text encoder (OpenCLIP bigG) too (default: "
+        "as text_encoder)")  # fmt: skip
     text_encoder_rank: int | None = setting(None, "rank of the text encoder's LoRA (default: "
                                             "rank)", rule=within(1, 1024))  # fmt: skip
     text_encoder_alpha: float | None = setting(
@@ -324,9 +332,9 @@ class TrainConfig:
     max_steps: int = setting(500, "optimizer steps", rule=at_least(1))
     batch_size: int = setting(1, "examples per micro-batch and process", rule=within(1, 1024))
     grad_accum: int = setting(1, "micro-batches per optimizer step", rule=within(1, 1024))
-    resolution: int = setting(
-        512, "training size in pixels (the side of the square; with buckets, the side of a "
-        "bucket's area)",
+    resolution: int | None = setting(
+        None, "training size in pixels (the side of the square; with buckets, the side of a "
+        "bucket's area); default: the base model's own (512 SD 1.5, 768 SD 2.x-v, 1024 SDXL)",
         rule=Rule(lambda v: v % 8 == 0 and 8 <= v <= 4096, "must be a multiple of 8 in "
                   "[8, 4096]"))  # fmt: skip
     log_every: int = setting(
@@ -366,7 +374,7 @@ class TrainConfig:
     @property
     def trains_text_encoder(self) -> bool:
         """The text encoder runs in the backward pass: its LoRA or the words' vectors train."""
-        return self.lora.text_encoder or self.embeddings.train
+        return self.lora.text_encoder or bool(self.lora.text_encoder_2) or self.embeddings.train
 
     @property
     def uses_prior(self) -> bool:
@@ -478,7 +486,7 @@ def _check_rules(cfg: TrainConfig, where: str) -> None:
             f"{where}: validation.split and validation.data both name held-out images; keep "
             "one (validation_data=FOLDER, or validation_split=0.1 of the concept's images)"
         )
-    if data.buckets and cfg.resolution % data.bucket_step:
+    if data.buckets and cfg.resolution is not None and cfg.resolution % data.bucket_step:
         raise UserError(
             f"{where}: data.buckets needs resolution ({cfg.resolution}) to be a multiple of "
             f"data.bucket_step ({data.bucket_step}); change one of them"

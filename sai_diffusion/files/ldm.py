@@ -1,20 +1,40 @@
-"""Write an SD-1.x pipeline as one original-layout (LDM) checkpoint, the kind A1111 and
-ComfyUI load and ``StableDiffusionPipeline.from_single_file`` reads back.
+"""Write a Stable Diffusion pipeline (SD 1.x, SD 2.x or SDXL) as one original-layout (LDM)
+checkpoint, the kind A1111 and ComfyUI load and diffusers' ``from_single_file`` reads back.
 
 diffusers 0.42 converts LDM -> diffusers on load (``loaders/single_file_utils.py``) but ships
 nothing for the other direction, so the renaming lives here. One ``.safetensors`` file holds
 
-    model.diffusion_model.*                    UNet   (input_blocks / middle_block / output_blocks)
-    first_stage_model.*                        VAE    (encoder.down / decoder.up, reversed order)
-    cond_stage_model.transformer.text_model.*  CLIP text encoder (names as in transformers)
+    model.diffusion_model.*   UNet  (input_blocks / middle_block / output_blocks; SDXL's
+                                     size conditioning as label_emb.0.0 / label_emb.0.2)
+    first_stage_model.*       VAE   (encoder.down / decoder.up, reversed order)
 
-The layout follows the UNet's config (levels, ``layers_per_block``, where attention is), so
-tiny test models and full-size SD 1.5 go through the same code.
+and the text encoder(s), by layout:
+
+    "sd1"   cond_stage_model.transformer.text_model.*        CLIP (names as in transformers)
+    "sd2"   cond_stage_model.model.*                          OpenCLIP (transformer.resblocks)
+    "sdxl"  conditioner.embedders.0.transformer.text_model.*  CLIP      (text_encoder)
+            conditioner.embedders.1.model.*                   OpenCLIP  (text_encoder_2)
+
+OpenCLIP names: ``transformer.resblocks.{i}.attn.in_proj_weight/bias`` (q, k, v stacked),
+``attn.out_proj``, ``ln_1``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``, ``token_embedding.weight``,
+``positional_embedding``, ``ln_final`` and, for an encoder with a projection, ``text_projection``
+of shape (width, projection) used as ``x @ text_projection`` (the transpose of the Linear
+weight). An SD 2.x file written here holds the diffusers text encoder as it is: 23 blocks and
+no projection, where the original holds the unused 24th block and a projection; diffusers'
+reader skips both anyway.
+
+``checkpoint_layout(pipe)`` picks the layout: "sdxl" when the pipeline has a
+``text_encoder_2``, "sd2" when its text encoder uses OpenCLIP's exact GELU (OpenAI's CLIP of
+SD 1.x uses quick GELU), else "sd1". ``save_single_file(..., layout=...)`` overrides it.
+``layout_of_keys(keys)`` reads the layout back from a file's names. The UNet layout follows
+the UNet's config (levels, ``layers_per_block``, where attention is), so tiny test models and
+full-size models go through the same code.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -24,7 +44,24 @@ from ..fsutil import atomic_write_with
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+TEXT_PREFIX = "cond_stage_model.transformer.text_model."  # SD 1.x CLIP
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x OpenCLIP ViT-H
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer.text_model."  # SDXL CLIP ViT-L
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL OpenCLIP ViT-bigG
+
+LAYOUTS = ("sd1", "sd2", "sdxl")
+# The first text-encoder prefix that tells a file's layout, checked in this order.
+_LAYOUT_MARKERS = (
+    ("sdxl", "conditioner.embedders."),
+    ("sd2", OPEN_CLIP_PREFIX),
+    ("sd1", "cond_stage_model.transformer."),
+)
+# Where each layout keeps its text encoders, in the pipeline's order (text_encoder, _2).
+TEXT_PREFIXES = {
+    "sd1": (TEXT_PREFIX,),
+    "sd2": (OPEN_CLIP_PREFIX,),
+    "sdxl": (SDXL_TEXT_PREFIX, SDXL_OPEN_CLIP_PREFIX),
+}
 
 # ResnetBlock2D sub-module names: diffusers -> LDM ResBlock.
 _UNET_RESNET = {
@@ -39,6 +76,8 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL: pooled text + size embeddings
+    "add_embedding.linear_2": "label_emb.0.2",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
@@ -54,6 +93,21 @@ _VAE_ATTN = {
     "to_k": "k",
     "to_v": "v",
     "to_out.0": "proj_out",
+}
+# A CLIP encoder layer: transformers -> OpenCLIP residual block (q/k/v are handled apart).
+_OPEN_CLIP_BLOCK = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_OPEN_CLIP_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)")
+_OPEN_CLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",  # a bare parameter
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
 }
 
 
@@ -95,7 +149,7 @@ def _unet_key(key: str, layers_per_block: int, up_has_attention: list[bool]) -> 
         slot = 2 if up_has_attention[level] else 1  # the upsampler follows the attention, if any
         return f"output_blocks.{level * per_level + layers_per_block}.{slot}.conv.{m[2]}"
 
-    raise ValueError(f"UNet weight {key!r} has no place in the SD 1.x checkpoint layout")
+    raise ValueError(f"UNet weight {key!r} has no place in the LDM checkpoint layout")
 
 
 def _resnet_rest(rest: str) -> str:
@@ -130,7 +184,7 @@ def _vae_key(key: str, num_levels: int) -> str:
         if mapped is not None:
             return f"{coder}.mid.attn_1.{''.join(mapped)}"
 
-    raise ValueError(f"VAE weight {key!r} has no place in the SD 1.x checkpoint layout")
+    raise ValueError(f"VAE weight {key!r} has no place in the LDM checkpoint layout")
 
 
 def unet_to_ldm(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -155,25 +209,111 @@ def vae_to_ldm(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def text_encoder_to_ldm(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """CLIPTextModel weights under ``cond_stage_model.transformer.text_model.*``.
+def text_encoder_to_ldm(
+    text_encoder: torch.nn.Module, prefix: str = TEXT_PREFIX
+) -> dict[str, torch.Tensor]:
+    """CLIPTextModel weights under ``prefix`` (SD 1.x's ``cond_stage_model.transformer
+    .text_model.`` by default, SDXL's first embedder with ``SDXL_TEXT_PREFIX``).
 
     transformers >= 5.6 dropped the ``text_model.`` level from CLIPTextModel's own names;
     older versions keep it. Both give the same checkpoint names.
     """
     return {
-        TEXT_PREFIX + key.removeprefix("text_model."): value
+        prefix + key.removeprefix("text_model."): value
         for key, value in text_encoder.state_dict().items()
     }
 
 
-def pipeline_to_ldm(pipe, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The whole checkpoint: UNet, VAE and text encoder of an SD-1.x pipeline, on the CPU."""
-    state = {
-        **unet_to_ldm(pipe.unet),
-        **vae_to_ldm(pipe.vae),
-        **text_encoder_to_ldm(pipe.text_encoder),
-    }
+def open_clip_to_ldm(
+    text_encoder: torch.nn.Module, prefix: str = OPEN_CLIP_PREFIX
+) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel(WithProjection) under OpenCLIP's names below ``prefix`` (SD 2.x's
+    ``cond_stage_model.model.`` by default, SDXL's second embedder with
+    ``SDXL_OPEN_CLIP_PREFIX``): q, k and v stacked into one ``in_proj`` (3 * width, width),
+    the projection (if any) as the (width, projection) ``text_projection`` matrix."""
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {}
+    for key, value in state.items():
+        if key in _OPEN_CLIP_TOP:
+            out[prefix + _OPEN_CLIP_TOP[key]] = value
+        elif key == "text_projection.weight":  # Linear (proj, width) -> matrix (width, proj)
+            out[prefix + "text_projection"] = value.T
+        elif m := _OPEN_CLIP_QKV.fullmatch(key):
+            if m[2] == "q":  # written once per layer and kind, from all three
+                qkv = [state[f"encoder.layers.{m[1]}.self_attn.{p}_proj.{m[3]}"] for p in "qkv"]
+                out[f"{prefix}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"] = torch.cat(qkv)
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key):
+            mapped = _split(m[2], _OPEN_CLIP_BLOCK)
+            if mapped is None:
+                raise ValueError(f"text encoder weight {key!r} has no place in OpenCLIP's layout")
+            out[f"{prefix}transformer.resblocks.{m[1]}.{''.join(mapped)}"] = value
+        else:
+            raise ValueError(f"text encoder weight {key!r} has no place in OpenCLIP's layout")
+    return out
+
+
+def checkpoint_layout(pipe) -> str:
+    """The single-file layout ``pipe``'s components belong in: "sdxl", "sd2" or "sd1" (the
+    rule is in the module docstring)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    if pipe.text_encoder.config.hidden_act == "gelu":  # OpenCLIP; OpenAI CLIP is quick_gelu
+        return "sd2"
+    return "sd1"
+
+
+def layout_of_keys(keys: Iterable[str]) -> str | None:
+    """A checkpoint's layout read from its tensor names (its text encoders' prefixes): "sdxl",
+    "sd2" or "sd1", None when no text encoder is there."""
+    keys = list(keys)
+    for layout, marker in _LAYOUT_MARKERS:
+        if any(k.startswith(marker) for k in keys):
+            return layout
+    return None
+
+
+def components_to_ldm(
+    *, unet, vae, text_encoder, text_encoder_2=None, layout: str
+) -> dict[str, torch.Tensor]:
+    """The checkpoint names of the given components in ``layout`` ("sd1", "sd2", "sdxl"), with
+    their tensors as they are (meta-device models give the names and shapes alone).
+
+    Raises:
+        ValueError: ``layout`` is unknown or does not fit the components given.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if (text_encoder_2 is not None) != (layout == "sdxl"):
+        has = "with" if text_encoder_2 is not None else "without"
+        raise ValueError(f"layout {layout!r} does not fit a pipeline {has} text_encoder_2")
+    if layout == "sd1":
+        text = text_encoder_to_ldm(text_encoder)
+    elif layout == "sd2":
+        text = open_clip_to_ldm(text_encoder)
+    else:
+        text = {
+            **text_encoder_to_ldm(text_encoder, SDXL_TEXT_PREFIX),
+            **open_clip_to_ldm(text_encoder_2, SDXL_OPEN_CLIP_PREFIX),
+        }
+    return {**unet_to_ldm(unet), **vae_to_ldm(vae), **text}
+
+
+def pipeline_to_ldm(
+    pipe, *, dtype: torch.dtype | None = None, layout: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The whole checkpoint of ``pipe`` (UNet, VAE, text encoders) on the CPU; ``layout`` is
+    "sd1", "sd2" or "sdxl", by default ``checkpoint_layout(pipe)``.
+
+    Raises:
+        ValueError: ``layout`` is unknown or does not fit the pipeline's components.
+    """
+    state = components_to_ldm(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        layout=checkpoint_layout(pipe) if layout is None else layout,
+    )
     out = {}
     for key, value in state.items():
         value = value.detach().to("cpu")
@@ -183,16 +323,22 @@ def pipeline_to_ldm(pipe, *, dtype: torch.dtype | None = None) -> dict[str, torc
     return out
 
 
-def save_single_file(pipe, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+def save_single_file(
+    pipe, path: str | Path, *, dtype: torch.dtype | None = None, layout: str | None = None
+) -> Path:
     """Write ``pipe`` as one original-layout ``.safetensors`` checkpoint and return its path.
 
-    Load it back with ``StableDiffusionPipeline.from_single_file(path, config=<a diffusers
-    folder with the same component configs>, local_files_only=True)``. The file goes to a
-    temporary name first, so a crash never leaves a half-written checkpoint.
+    ``layout`` ("sd1", "sd2", "sdxl") defaults to ``checkpoint_layout(pipe)``. Load the file
+    back with ``<pipeline class>.from_single_file(path, config=<a diffusers folder with the
+    same component configs>, local_files_only=True)``, or ``models.base.load_base_model``. The
+    file goes to a temporary name first, so a crash never leaves a half-written checkpoint.
+
+    Raises:
+        ValueError: ``path`` is not a .safetensors path, or ``layout`` does not fit ``pipe``.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"single-file checkpoints are written as .safetensors, got {path}")
-    state = pipeline_to_ldm(pipe, dtype=dtype)
+    state = pipeline_to_ldm(pipe, dtype=dtype, layout=layout)
     atomic_write_with(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     return path

@@ -73,6 +73,12 @@ class FileKeys:
 
 
 SD_KEYS = FileKeys({"unet": "lora_unet_", "text_encoder": "lora_te_"}, "sd_v1")
+SD2_KEYS = FileKeys({"unet": "lora_unet_", "text_encoder": "lora_te_"}, "sd_v2", v2=True)
+# kohya's SDXL names: lora_te1_ (CLIP ViT-L), lora_te2_ (OpenCLIP bigG, as transformers names it)
+SDXL_KEYS = FileKeys(
+    {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+    "sdxl_base_v1-0",
+)
 
 
 class _Factors(NamedTuple):
@@ -93,6 +99,7 @@ def save_lora(
     *,
     unet: nn.Module,
     text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
     rank: int,
     alpha: float,
     text_encoder_alpha: float | None = None,
@@ -102,7 +109,8 @@ def save_lora(
     """Write ``lora.safetensors`` (diffusers) and ``lora_kohya.safetensors`` into ``run_dir``,
     named as ``keys`` (the model family's) says.
 
-    Both carry the LoRA of ``unet`` and, if it has one, of ``text_encoder``, with the training
+    Both carry the LoRA of ``unet`` and, if they have one, of ``text_encoder`` (and SDXL's
+    ``text_encoder_2``, ``lora_te2_`` in kohya's names), with the training
     ``metadata`` in the header (string values only; ``optimizer``, ``learning_rate``,
     ``max_train_steps`` and ``resolution`` are also copied to kohya's ss_* names). ``rank``,
     ``alpha`` and ``text_encoder_alpha`` (default: ``alpha``) must match the adapters: they
@@ -115,14 +123,15 @@ def save_lora(
     _check_metadata(metadata)
     te_alpha = alpha if text_encoder_alpha is None else text_encoder_alpha
     parts = [("unet", unet, _lora_modules(unet, "unet"))]
-    te_modules = _lora_modules(text_encoder, "text_encoder") if text_encoder is not None else {}
-    if te_modules:  # a text encoder without LoRA (only new tokens) adds nothing here
-        parts.append(("text_encoder", text_encoder, te_modules))
+    for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        modules = _lora_modules(encoder, name) if encoder is not None else {}
+        if modules:  # a text encoder without LoRA (only new tokens) adds nothing here
+            parts.append((name, encoder, modules))
     if not parts[0][2]:
         raise ValueError("The UNet has no LoRA adapter: call add_lora before save_lora.")
     _check_rank_alpha(parts[0][2], "UNet", rank=rank, alpha=alpha)
-    if len(parts) > 1:
-        _check_rank_alpha(parts[1][2], "text encoder", rank=None, alpha=te_alpha)
+    for name, _, modules in parts[1:]:
+        _check_rank_alpha(modules, name.replace("_", " "), rank=None, alpha=te_alpha)
 
     diffusers_tensors, adapter_config, kohya_tensors = {}, {}, {}
     for prefix, model, modules in parts:
@@ -191,9 +200,18 @@ def _network_args(modules: list[_Factors], rank: int, alpha: float) -> dict[str,
 
 
 def save_embeddings(
-    path: Path, *, tokenizer: PreTrainedTokenizerBase, text_encoder: nn.Module, tokens: list[str]
+    path: Path,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    text_encoder: nn.Module,
+    tokens: list[str],
+    text_encoder_2: nn.Module | None = None,
 ) -> Path:
-    """Write the embedding rows of ``tokens`` as a textual-inversion file: ``{token: (1, dim)}``.
+    """Write the embedding rows of ``tokens`` as a textual-inversion file: ``{token: (1, dim)}``;
+    with SDXL's ``text_encoder_2``, SDXL's layout ``{"clip_l": (n, 768), "clip_g": (n, 1280)}``
+    (one row per token, in order), which ComfyUI and A1111 read as one embedding and diffusers
+    as ``pipe.load_textual_inversion(sd["clip_l"], token=tokens, text_encoder=pipe.text_encoder,
+    tokenizer=pipe.tokenizer)`` and the same with ``clip_g`` for the second encoder.
 
     One token: stock ``pipe.load_textual_inversion(path)`` reads it (the single key names the
     token; ``token=`` may rename it). Several tokens: diffusers
@@ -208,15 +226,22 @@ def save_embeddings(
     if missing:
         raise ValueError(f"Tokens {missing} are not in the tokenizer: add them first.")
     ids = torch.tensor([vocab[t] for t in tokens])
-    embedding = text_encoder.get_input_embeddings()
-    with torch.no_grad():
-        # A lookup, not .weight[ids]: a training-time wrapper (models.tokens.ConceptTokenEmbedding)
-        # keeps the trained rows outside .weight.
-        rows = embedding(ids.to(embedding.weight.device)).float().cpu()  # (n, dim)
-    tensors = {t: rows[i : i + 1].clone() for i, t in enumerate(tokens)}  # (1, dim) each
+    rows = _rows(text_encoder, ids)
+    if text_encoder_2 is None:
+        tensors = {t: rows[i : i + 1].clone() for i, t in enumerate(tokens)}  # (1, dim) each
+    else:
+        tensors = {"clip_l": rows, "clip_g": _rows(text_encoder_2, ids)}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(tensors, path, {"format": "pt", "tokens": json.dumps(tokens)})
     return path
+
+
+def _rows(text_encoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """(n, dim): the rows of ``ids``, by a lookup, not .weight[ids]: a training-time wrapper
+    (models.tokens.ConceptTokenEmbedding) keeps the trained rows outside .weight."""
+    embedding = text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        return embedding(ids.to(embedding.weight.device)).float().cpu().contiguous()
 
 
 def _check_metadata(metadata: Mapping[str, str]) -> None:
@@ -256,7 +281,7 @@ def _canonical(name: str, what: str) -> str:
     diffusers/transformers say ``text_model.encoder.layers.0...``, and diffusers 0.42 strips
     that prefix again when loading into a flattened model.
     """
-    if what == "text_encoder" and not name.startswith("text_model."):
+    if what.startswith("text_encoder") and not name.startswith("text_model."):
         return "text_model." + name
     return name
 
@@ -369,14 +394,16 @@ def atomic_save_tensors(
 
 
 @torch.no_grad()
-def restore_text_encoder_magnitudes(text_encoder: nn.Module, path: Path, adapter: str) -> None:
-    """Copy a DoRA file's text-encoder magnitudes into the loaded adapter.
+def restore_text_encoder_magnitudes(
+    text_encoder: nn.Module, path: Path, adapter: str, *, part: str = "text_encoder"
+) -> None:
+    """Copy a DoRA file's magnitudes of text encoder ``part`` into the loaded adapter.
 
     diffusers 0.42 builds the text encoder's DoRA layers but, with transformers 5's flattened
     CLIPTextModel, loads none of their ``lora_magnitude_vector`` tensors (reported as missing;
     they keep their initial values, so the encoder computes plain LoRA). The UNet's load fine.
     """
-    prefix, suffix = "text_encoder.", ".lora_magnitude_vector"
+    prefix, suffix = part + ".", ".lora_magnitude_vector"
     with safetensors.safe_open(path, framework="pt") as f:
         keys = [k for k in f.keys() if k.startswith(prefix) and k.endswith(suffix)]  # noqa: SIM118 (safe_open has no __iter__)
         for key in keys:
@@ -390,7 +417,9 @@ def restore_text_encoder_magnitudes(text_encoder: nn.Module, path: Path, adapter
 
 def read_embeddings(run_dir: Path) -> dict[str, torch.Tensor]:
     """A run's concept-token vectors, ``{token: (dim,)}`` in the file's order; ``{}`` when the
-    run has no ``embeddings.safetensors`` (it added no tokens).
+    run has no ``embeddings.safetensors`` (it added no tokens). An SDXL file's two rows per
+    token come as one vector, clip_l's then clip_g's (``models.tokens.set_token_embeddings``
+    splits it by the encoders' widths).
 
     Raises:
         UserError: the file is unreadable or holds a multi-vector token.
@@ -402,7 +431,13 @@ def read_embeddings(run_dir: Path) -> dict[str, torch.Tensor]:
         with safetensors.safe_open(path, framework="pt") as f:
             header = f.metadata() or {}
             tokens = json.loads(header["tokens"]) if "tokens" in header else list(f.keys())
-            vectors = {t: f.get_tensor(t) for t in tokens}
+            if set(f.keys()) == {"clip_l", "clip_g"}:  # noqa: SIM118 (safe_open has no __iter__)
+                both = torch.cat([f.get_tensor("clip_l"), f.get_tensor("clip_g")], dim=-1)
+                if both.shape[0] != len(tokens):
+                    raise KeyError(f"{both.shape[0]} rows for {len(tokens)} tokens")
+                vectors = {t: both[i] for i, t in enumerate(tokens)}
+            else:
+                vectors = {t: f.get_tensor(t) for t in tokens}
     except (safetensors.SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         raise UserError(
             f"{path} is not a readable embeddings file ({e}); train the run again or restore "

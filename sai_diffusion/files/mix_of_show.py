@@ -111,8 +111,16 @@ def mix_of_show_params(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
         )
     try:
         lora = safetensors.torch.load_file(run.lora)
+        with safetensors.safe_open(run.lora, framework="pt") as f:
+            version = (f.metadata() or {}).get("ss_base_model_version", "sd_v1")
     except (safetensors.SafetensorError, OSError) as e:
         raise UserError(f"{run.lora} is not readable ({e}); train the run again") from None
+    if version != "sd_v1":  # SD 2.x (sd_v2), SDXL (sdxl_base_v1-0)
+        raise UserError(
+            f"{run.path} was trained on a {version} model; Mix-of-Show is built on SD 1.x and "
+            f"loads SD 1.x LoRA only. Use {run.kohya.name} (ComfyUI, A1111, kohya) or "
+            f"{run.lora.name} (diffusers) instead"
+        )
     parts: dict[str, dict[str, torch.Tensor]] = {"text_encoder": {}, "unet": {}}
     for key, tensor in lora.items():
         if key.endswith(".lora_magnitude_vector") or tensor.dim() != 2:

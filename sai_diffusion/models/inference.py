@@ -103,7 +103,9 @@ def add_run_adapter(pipe, run_dir: Path, adapter: str) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             pipe.load_lora_weights(lora.parent, weight_name=lora.name, adapter_name=adapter)
-        restore_text_encoder_magnitudes(pipe.text_encoder, lora, adapter)
+        for part in ("text_encoder", "text_encoder_2"):
+            if getattr(pipe, part, None) is not None:
+                restore_text_encoder_magnitudes(getattr(pipe, part), lora, adapter, part=part)
     except Exception as e:  # diffusers/peft raise ValueError, KeyError, OSError, ...
         raise UserError(
             f"Could not load {lora} onto this base model: {first_line(e)}. Is it a finished "

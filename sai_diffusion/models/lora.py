@@ -24,13 +24,15 @@ def add_lora(
     text_encoder_rank: int | None = None,
     text_encoder_alpha: float | None = None,
     use_dora: bool = False,
+    text_encoder_2: nn.Module | None = None,
 ) -> None:
     """Freeze ``unet`` (and ``text_encoder``) and inject a peft LoRA adapter named ``ADAPTER``.
 
     Targets are module-name suffixes, matched the way peft matches them (``to_out.0`` matches
     ``...attn1.to_out.0``). B starts at zero, so the adapted model starts equal to the base one.
     Afterwards only the LoRA factors require grad. The text encoder gets LoRA only when it is
-    given; its rank and alpha default to the UNet's. A Conv2d target (``conv1``, ``conv2``,
+    given (SDXL's second one, ``text_encoder_2``, likewise); their rank and alpha default to
+    the UNet's. A Conv2d target (``conv1``, ``conv2``,
     ``conv_shortcut`` of the ResNet blocks: LoCon) gets peft's conv LoRA, A a conv of the
     layer's kernel and B a 1x1 conv. ``use_dora`` makes every adapted layer DoRA's: peft adds
     a trained magnitude per output channel (``lora_magnitude_vector``), initialised to the
@@ -40,10 +42,11 @@ def add_lora(
         UserError: a target matches no Linear/Conv2d module.
     """
     parts = [(unet, tuple(unet_targets), rank, alpha)]
-    if text_encoder is not None:
-        te_rank = rank if text_encoder_rank is None else text_encoder_rank
-        te_alpha = alpha if text_encoder_alpha is None else text_encoder_alpha
-        parts.append((text_encoder, tuple(text_encoder_targets), te_rank, te_alpha))
+    te_rank = rank if text_encoder_rank is None else text_encoder_rank
+    te_alpha = alpha if text_encoder_alpha is None else text_encoder_alpha
+    for encoder in (text_encoder, text_encoder_2):
+        if encoder is not None:
+            parts.append((encoder, tuple(text_encoder_targets), te_rank, te_alpha))
 
     # Check every target before touching any model, so a typo leaves both models unchanged.
     for model, targets, _, _ in parts:

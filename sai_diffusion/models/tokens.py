@@ -121,31 +121,45 @@ def _initial_row(
 def set_token_embeddings(
     pipe: StableDiffusionPipeline, vectors: Mapping[str, torch.Tensor]
 ) -> None:
-    """Make ``pipe``'s text encoder read each token of ``vectors`` as that vector.
+    """Make ``pipe``'s text encoder(s) read each token of ``vectors`` as that vector.
 
-    A token the tokenizer lacks is added (as ``load_textual_inversion`` would, without its
-    covariance over the whole table); a token it already has (added for another run of the
-    same concept) keeps its id and only its row is overwritten, so one pipeline can switch
-    between runs. Other rows are untouched.
+    With two text encoders (SDXL) a token's vector is its two rows side by side, the first
+    encoder's then the second's (``files.lora_files.read_embeddings``). A token a tokenizer
+    lacks is added (as ``load_textual_inversion`` would, without its covariance over the whole
+    table); a token it already has (added for another run of the same concept) keeps its id
+    and only its row is overwritten, so one pipeline can switch between runs. Other rows are
+    untouched.
 
     Raises:
-        UserError: a vector's width differs from the text encoder's (another base model).
+        UserError: a vector's width differs from the text encoders' (another base model).
     """
-    weight = pipe.text_encoder.get_input_embeddings().weight  # (vocab, dim)
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    widths = [enc.get_input_embeddings().weight.shape[-1] for _, enc in pairs]
     for token, vector in vectors.items():
-        if vector.shape[-1] != weight.shape[-1]:
+        if vector.shape[-1] != sum(widths):
             raise UserError(
                 f"The embedding of {token!r} has width {vector.shape[-1]}, the base model's text "
-                f"encoder {weight.shape[-1]}: the run was trained on another base model."
+                f"encoder(s) {' + '.join(map(str, widths))}: the run was trained on another "
+                "base model."
             )
-    vocab = pipe.tokenizer.get_vocab()
+    start = 0
+    for (tokenizer, encoder), width in zip(pairs, widths, strict=True):
+        part = {t: v[..., start : start + width] for t, v in vectors.items()}
+        _set_rows(tokenizer, encoder, part)
+        start += width
+
+
+def _set_rows(tokenizer, text_encoder, vectors: Mapping[str, torch.Tensor]) -> None:
+    vocab = tokenizer.get_vocab()
     new = [t for t in vectors if t not in vocab]
     if new:
-        pipe.tokenizer.add_tokens(new)
+        tokenizer.add_tokens(new)
         # mean_resizing=False: every new row is overwritten below
-        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
-        weight = pipe.text_encoder.get_input_embeddings().weight  # resized: a new tensor
-    ids = pipe.tokenizer.convert_tokens_to_ids(list(vectors))
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = text_encoder.get_input_embeddings().weight  # resized: a new tensor
+    ids = tokenizer.convert_tokens_to_ids(list(vectors))
     with torch.no_grad():
         for token_id, vector in zip(ids, vectors.values(), strict=True):
             weight[token_id] = vector.to(weight.device, weight.dtype)

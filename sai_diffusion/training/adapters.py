@@ -21,17 +21,20 @@ class Adapters:
     """The trained parts of a run, on the base model's modules."""
 
     token_ids: list[int]  # the concept words' ids (an ED-LoRA run: every layer token's)
-    trainable: dict[str, nn.Parameter]  # by name: "unet.<peft name>", "text_encoder.<...>"
+    # by name: "unet.<peft name>", "text_encoder.<...>" (SDXL also "text_encoder_2.<...>")
+    trainable: dict[str, nn.Parameter]
     words: edlora.LayerWords | None = None  # an ED-LoRA run's layer-wise words
     # the cross-attention processors that record attention maps (attn_reg_weight > 0)
     attention: list[edlora.LayerwiseAttnProcessor] = field(default_factory=list)
 
     def param_groups(self, lrs: dict[str, float]) -> list[dict]:
-        """Optimizer groups by name (``unet``, ``text_encoder``, ``embeddings``: the words'
-        vectors), each with its lr of ``lrs`` (``TrainConfig.group_lrs``); empty ones left out."""
+        """Optimizer groups by name (``unet``, ``text_encoder``: every text encoder's LoRA,
+        ``embeddings``: the words' vectors), each with its lr of ``lrs``
+        (``TrainConfig.group_lrs``); empty ones left out."""
         groups: dict[str, list] = {"unet": [], "text_encoder": [], "embeddings": []}
         for name, p in self.trainable.items():
-            group = "embeddings" if name.endswith(".vectors") else name.split(".")[0]
+            part = name.split(".")[0]
+            group = "embeddings" if name.endswith(".vectors") else part.removesuffix("_2")
             groups[group].append((name, p))
         return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
 
@@ -41,9 +44,10 @@ class Adapters:
         return any(".lora_A." in n and p.dim() > 2 for n, p in self.trainable.items())
 
     @property
-    def vectors(self) -> nn.Parameter | None:
-        """The concept words' trained vectors (embeddings.train), else None."""
-        return next((p for n, p in self.trainable.items() if n.endswith(".vectors")), None)
+    def vectors(self) -> list[nn.Parameter]:
+        """The concept words' trained vectors, one parameter per text encoder (embeddings.train),
+        else empty."""
+        return [p for n, p in self.trainable.items() if n.endswith(".vectors")]
 
 
 def add_adapters(cfg: TrainConfig, concept: Concept, pipe, family: StableDiffusion) -> Adapters:
@@ -55,16 +59,19 @@ def add_adapters(cfg: TrainConfig, concept: Concept, pipe, family: StableDiffusi
             a UNet without cross-attention for ED-LoRA.
     """
     unet, text_encoder = pipe.unet, pipe.text_encoder
+    encoders = family.text_encoders(pipe)
     emb, lora = cfg.embeddings, cfg.lora
-    # The concept's words, initialised from the class word(s), before LoRA wraps the encoder.
-    token_ids = add_concept_tokens(
-        pipe.tokenizer,
-        text_encoder,
-        concept.words,
-        init_word=concept.initialisers,
-        init_noise_std=emb.init_noise_std,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    # The concept's words, initialised from the class word(s), before LoRA wraps the encoders;
+    # every encoder has its own rows, the same ids (SDXL's tokenizers share the vocabulary).
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for encoder in encoders:
+        ids = add_concept_tokens(encoder.tokenizer, encoder.module, concept.words,
+                                 init_word=concept.initialisers,
+                                 init_noise_std=emb.init_noise_std, generator=generator)  # fmt: skip
+        if encoder is encoders[0]:
+            token_ids = ids
+        elif ids != token_ids:
+            raise ValueError(f"{encoder.name} gave the words ids {ids}, not {token_ids}")
     words = None
     if emb.edlora:  # each word's rows, one per cross-attention layer, start as the word's row
         layers = edlora.install_processors(unet, pipe.tokenizer.model_max_length)
@@ -75,9 +82,13 @@ def add_adapters(cfg: TrainConfig, concept: Concept, pipe, family: StableDiffusi
         edlora.set_layer_words(unet, words)
     elif cfg.loss.attn_reg_weight > 0:  # the processors record attention; a plain context
         edlora.install_processors(unet, pipe.tokenizer.model_max_length)
+    second = len(encoders) > 1 and (
+        lora.text_encoder if lora.text_encoder_2 is None else lora.text_encoder_2
+    )
     add_lora(
         unet,
         text_encoder if lora.text_encoder else None,
+        text_encoder_2=encoders[1].module if second else None,
         rank=lora.rank,
         alpha=lora.alpha,
         unet_targets=tuple(lora.targets),
@@ -86,24 +97,26 @@ def add_adapters(cfg: TrainConfig, concept: Concept, pipe, family: StableDiffusi
         text_encoder_alpha=lora.text_encoder_alpha,
         use_dora=lora.dora,
     )
-    if emb.train:
-        make_token_embeddings_trainable(text_encoder, token_ids)
     trainable = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
-    trainable |= {
-        f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad
-    }
+    for encoder in encoders:
+        if emb.train:
+            make_token_embeddings_trainable(encoder.module, token_ids)
+        trainable |= {f"{encoder.name}.{n}": p
+                      for n, p in encoder.module.named_parameters() if p.requires_grad}  # fmt: skip
     for p in trainable.values():  # only the adapters (and token vectors) train, in fp32
         p.data = p.data.float()
     # train mode as diffusers' scripts set it (SD 1.5 and CLIP have dropout 0); transformers
     # checkpoints only in train mode, so an eval() text encoder would ignore the setting
     unet.train()
-    text_encoder.train(cfg.trains_text_encoder)
+    trained = [e.module for e in encoders if any(p.requires_grad for p in e.module.parameters())]
+    for encoder in encoders:
+        encoder.module.train(encoder.module in trained)
     if cfg.compute.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if cfg.trains_text_encoder:
+        for module in trained:
             # non-reentrant: gradients reach the LoRA factors although the inputs need none
-            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
-            enable = enable or text_encoder.gradient_checkpointing_enable  # its older name
+            enable = getattr(module, "activation_checkpointing_enable", None)
+            enable = enable or module.gradient_checkpointing_enable  # its older name
             enable({"use_reentrant": False})
     recording = edlora.processors(unet) if cfg.loss.attn_reg_weight > 0 else []
     return Adapters(token_ids, trainable, words, recording)
@@ -111,22 +124,25 @@ def add_adapters(cfg: TrainConfig, concept: Concept, pipe, family: StableDiffusi
 
 class NormStop:
     """Mix-of-Show's norm threshold: once the mean L2 norm of the words' vectors' rows reaches
-    ``limit`` they stop changing (kept as they were at that step). The frozen copy is part of
-    the trained state: a resumed run restores it from the vectors (``check`` after loading)."""
+    ``limit`` they stop changing (kept as they were at that step). With two text encoders
+    (SDXL) each encoder's vectors stop on their own. The frozen copies are part of the trained
+    state: a resumed run restores them from the vectors (``check`` after loading)."""
 
-    def __init__(self, vectors: nn.Parameter | None, limit: float) -> None:
-        self.vectors, self.limit = vectors, limit
-        self.frozen: torch.Tensor | None = None
+    def __init__(self, vectors: list[nn.Parameter], limit: float) -> None:
+        self.vectors, self.limit = list(vectors), limit
+        self.frozen: list[torch.Tensor | None] = [None] * len(self.vectors)
 
     @torch.no_grad()
     def check(self) -> bool:
         """After a step: put the vectors back when stopped, or stop them when they reached the
         limit now (True then)."""
-        if self.limit <= 0 or self.vectors is None:
+        if self.limit <= 0:
             return False
-        if self.frozen is not None:
-            self.vectors.copy_(self.frozen)
-        elif self.vectors.norm(dim=-1).mean().item() >= self.limit:
-            self.frozen = self.vectors.detach().clone()
-            return True
-        return False
+        stopped = False
+        for i, vectors in enumerate(self.vectors):
+            if self.frozen[i] is not None:
+                vectors.copy_(self.frozen[i])
+            elif vectors.norm(dim=-1).mean().item() >= self.limit:
+                self.frozen[i] = vectors.detach().clone()
+                stopped = True
+        return stopped

@@ -98,12 +98,13 @@ def _crop(
     width: int,
     height: int,
     center: bool,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, tuple[int, int]]:
     """A width x height crop of the image (already covering it, ``_resize_to_cover``) and of
     its mask.
 
-    Returns pixels (H, W, 3) in [0, 255], mask weights (H, W) in [0, 255] or None, and the
-    valid area (H, W), all ones. Draws: the crop's top, then its left (even when centred).
+    Returns pixels (H, W, 3) in [0, 255], mask weights (H, W) in [0, 255] or None, the
+    valid area (H, W), all ones, and the crop's (top, left). Draws: the crop's top, then its
+    left (even when centred).
     """
     image_width, image_height = image.size
     top = int(rng.integers(0, image_height - height + 1))
@@ -113,7 +114,7 @@ def _crop(
     rows, cols = slice(top, top + height), slice(left, left + width)
     pixels = np.asarray(image, dtype=np.float32)[rows, cols]
     weights = None if mask is None else np.asarray(mask, dtype=np.float32)[rows, cols]
-    return pixels, weights, np.ones((height, width), dtype=np.float32)
+    return pixels, weights, np.ones((height, width), dtype=np.float32), (top, left)
 
 
 def _resize_crop_pad(
@@ -170,8 +171,12 @@ class ConceptImages:
 
     ``load(i, geometry=rng, flip=...)`` returns a dict: ``pixel_values`` (3, H, W) float in
     [-1, 1], ``mask`` (1, H, W) float in [0, 1] (ones over the image when it has no mask),
-    ``valid`` (1, H, W) float, 1 where the square shows the image and 0 on padding, ``caption``
-    str. The image is resized so it covers the target (bicubic; bilinear for the mask), then
+    ``valid`` (1, H, W) float, 1 where the square shows the image and 0 on padding,
+    ``time_ids`` (6,) float, SDXL's size conditioning (the image file's height and width, the
+    crop's top and left in the resized image, mirrored with the flip, and the target's height
+    and width; resize-crop-pad's paste counts as a crop at (0, 0)), ``time_ids_mirrored``
+    (those of the same crop with the other flip), ``caption`` str. The image
+    is resized so it covers the target (bicubic; bilinear for the mask), then
 
     - ``augmentation="crop"``: cropped to the target, at a random place drawn from ``geometry``
       (its top, then its left; centred with ``center_crop``, the draws still taken); ``valid``
@@ -245,17 +250,24 @@ class ConceptImages:
             check_mask_size(example.mask_path, mask.size, example.image_path, image.size)
 
         width, height = self.size(index)
+        original = image.size
         image = _resize_to_cover(image, width, height, Image.Resampling.BICUBIC)
         if mask is not None:
             mask = _resize_to_cover(mask, width, height, Image.Resampling.BILINEAR)
         if self.augmentation == "crop":
-            pixels, weights, valid = _crop(
+            pixels, weights, valid, (top, left) = _crop(
                 image, mask, geometry, width=width, height=height, center=self.center_crop
             )
+            lefts = (left, image.size[0] - width - left)  # as the image, as its mirror has it
         else:  # "resize-crop-pad", never with sizes: the target is the square
             pixels, weights, valid = _resize_crop_pad(
                 image, mask, geometry, size=self.resolution, crop_p=self.crop_p
             )
+            top, lefts = 0, (0, 0)
+        time_ids = [torch.tensor([original[1], original[0], top, x, height, width],
+                                 dtype=torch.float32) for x in lefts]  # fmt: skip
+        if flip:
+            time_ids.reverse()
 
         pixel_values = torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)  # (3, H, W)
         valid_values = torch.from_numpy(valid).unsqueeze(0)  # (1, H, W)
@@ -271,5 +283,7 @@ class ConceptImages:
             "pixel_values": pixel_values.contiguous(),
             "mask": mask_values.contiguous(),
             "valid": valid_values.contiguous(),
+            "time_ids": time_ids[0],
+            "time_ids_mirrored": time_ids[1],  # what the other flip of this crop has
             "caption": example.caption,
         }

@@ -61,6 +61,7 @@ class HeldOut:
         self.examples = list(examples)
         self.latents = [mean[:1] * scale for mean in encoded.mean]  # (1, C, h, w) each
         self.masks = [mask[:1] for mask in encoded.mask]  # (1, 1, H, W) each
+        self.time_ids = [ids[:1] for ids in encoded.time_ids]  # (1, 6) each
         self.captions = [e.caption for e in self.examples]
         self.timesteps = validation_timesteps(num_timesteps)
 
@@ -71,7 +72,9 @@ class HeldOut:
         Call it with the modules in eval mode (and, under DDP, on every process)."""
         n = len(self.timesteps)
         losses = []
-        for i, (latents, mask) in enumerate(zip(self.latents, self.masks, strict=True)):
+        for i, (latents, mask, time_ids) in enumerate(
+            zip(self.latents, self.masks, self.time_ids, strict=True)
+        ):
             inputs = Inputs(
                 latents=latents.expand(n, *latents.shape[1:]),
                 noise=validation_noise(i, (n, *latents.shape[1:])),
@@ -80,6 +83,7 @@ class HeldOut:
                 valid=None,
                 captions=[self.captions[i]] * n,
                 prior_from=n,
+                time_ids=time_ids.expand(n, 6),
             )
             losses.append(objective(unet, text, inputs, attention=False).item())
         return sum(losses) / len(losses)

@@ -34,16 +34,21 @@ class Inputs:
     valid: torch.Tensor | None  # (B, 1, H, W) the pasted area of resize-crop-pad, else None
     captions: list[str]
     prior_from: int
+    # (B, 6) SDXL's size conditioning of each example (``augment.ConceptImages``); read by the
+    # SDXL family only
+    time_ids: torch.Tensor | None = None
 
 
 @dataclass
 class EncodedImages:
     """A set of images encoded once at their centre crop: per image, the posterior's mean and
-    std (2, C, h, w) and the mask (2, 1, H, W), unflipped then flipped."""
+    std (2, C, h, w), the mask (2, 1, H, W) and the size conditioning (2, 6), unflipped then
+    flipped."""
 
     mean: list[torch.Tensor]
     std: list[torch.Tensor]
     mask: list[torch.Tensor]
+    time_ids: list[torch.Tensor]
 
 
 @torch.no_grad()
@@ -51,7 +56,7 @@ def encode_fixed(vae: nn.Module, images: ConceptImages, device) -> EncodedImages
     """Every image of ``images`` at its centre crop (of its size), through the VAE."""
     fixed = ConceptImages(images.examples, resolution=images.resolution, center_crop=True,
                           sizes=images.sizes)  # fmt: skip
-    out = EncodedImages([], [], [])
+    out = EncodedImages([], [], [], [])
     for i in range(len(fixed)):
         # a centred crop takes its draws all the same: any stream will do
         item = fixed.load(i, geometry=geometry_rng(0, 0, i), flip=False)
@@ -60,6 +65,7 @@ def encode_fixed(vae: nn.Module, images: ConceptImages, device) -> EncodedImages
         out.mean.append(dist.mean.float().cpu())
         out.std.append(dist.std.float().cpu())
         out.mask.append(torch.stack([item["mask"], item["mask"].flip(-1)]))
+        out.time_ids.append(torch.stack([item["time_ids"], item["time_ids_mirrored"]]))
     return out
 
 
@@ -114,7 +120,7 @@ class InputBuilder:
             images = self.class_images.at_size(batch.size) if bucketed else self.class_images
             parts.append(self._part("class", images, batch.size if bucketed else None,
                                     batch.classes))  # fmt: skip
-        latents, mask, valid = (torch.cat([p[i] for p in parts]) for i in range(3))
+        latents, mask, valid, time_ids = (torch.cat([p[i] for p in parts]) for i in range(4))
         examples = batch.examples
         return Inputs(
             latents=latents * self.scale,
@@ -124,12 +130,14 @@ class InputBuilder:
             valid=valid if self.keep_valid else None,
             captions=[d.caption for d in examples],
             prior_from=batch.prior_from,
+            time_ids=time_ids,
         )
 
     def _part(
         self, name: str, images: ConceptImages, size: Size | None, draws: Sequence[Draws]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latents (b, C, h, w) unscaled, mask (b, 1, H, W), valid (b, 1, H, W)) of ``draws``."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents (b, C, h, w) unscaled, mask (b, 1, H, W), valid (b, 1, H, W), time ids
+        (b, 6)) of ``draws``."""
         posterior = torch.stack([d.posterior for d in draws])
         if self.cache is not None:
             encoded = self.cache.get(name, images, size)
@@ -137,7 +145,8 @@ class InputBuilder:
             mean = torch.stack([encoded.mean[i][f] for i, f in pick])
             std = torch.stack([encoded.std[i][f] for i, f in pick])
             mask = torch.stack([encoded.mask[i][f] for i, f in pick])
-            return mean + std * posterior, mask, torch.ones_like(mask)
+            time_ids = torch.stack([encoded.time_ids[i][f] for i, f in pick])
+            return mean + std * posterior, mask, torch.ones_like(mask), time_ids
         items = [images.load(d.index, geometry=d.geometry(), flip=d.flip) for d in draws]
         pixels = torch.stack([it["pixel_values"] for it in items])
         with torch.no_grad():
@@ -145,7 +154,7 @@ class InputBuilder:
             latents = dist.mean.float().cpu() + dist.std.float().cpu() * posterior
         mask = torch.stack([it["mask"] for it in items])
         valid = torch.stack([it["valid"] for it in items])
-        return latents, mask, valid
+        return latents, mask, valid, torch.stack([it["time_ids"] for it in items])
 
 
 def cached_crops_note(examples: Sequence[Example]) -> str | None:

@@ -63,7 +63,7 @@ class Objective:
         noisy = sched.add_noise(latents, noise, timesteps)
         context = text(inputs.captions)
         with self._recording(attention) as records:
-            pred = self.family.predict(unet, noisy, timesteps, context)
+            pred = self.family.predict(unet, noisy, timesteps, context, inputs.time_ids)
         target = prediction_target(sched, latents, noise, timesteps)
         mask = inputs.mask if self.use_masks else inputs.valid
         per_sample = per_sample_mse(pred, target, None if mask is None else mask.to(device))

@@ -98,25 +98,32 @@ class EMA:
         return {f"{self.PREFIX}{n}": t for n, t in self.average.items()}
 
     @contextlib.contextmanager
-    def applied(self, text_encoder: nn.Module, token_ids: list[int]) -> Iterator[None]:
-        """The trained tensors (and the baked token rows) holding the averages, then the raw
-        values back."""
+    def applied(
+        self, text_encoders: Mapping[str, nn.Module] | nn.Module, token_ids: list[int]
+    ) -> Iterator[None]:
+        """The trained tensors (and the baked token rows of each text encoder, by part name:
+        ``{"text_encoder": module, ...}``; a module alone is the first) holding the averages,
+        then the raw values back."""
+        if isinstance(text_encoders, nn.Module):
+            text_encoders = {"text_encoder": text_encoders}
         raw = {n: p.detach().clone() for n, p in self.trainable.items()}
-        table = text_encoder.get_input_embeddings().weight
-        ids = torch.tensor(token_ids, device=table.device)
-        rows = table[ids].detach().clone()
+        tables = {part: m.get_input_embeddings().weight for part, m in text_encoders.items()}
+        ids = torch.tensor(token_ids, device=next(iter(tables.values())).device)
+        rows = {part: table[ids].detach().clone() for part, table in tables.items()}
         try:
             with torch.no_grad():
                 for name, p in self.trainable.items():
                     p.copy_(self.average[name])
                     if name.endswith(".vectors"):  # baked: the table's rows are what files read
+                        table = tables[name.split(".")[0]]
                         table[ids] = self.average[name].to(table.dtype)
             yield
         finally:
             with torch.no_grad():
                 for name, p in self.trainable.items():
                     p.copy_(raw[name])
-                table[ids] = rows
+                for part, table in tables.items():
+                    table[ids] = rows[part]
 
 
 def metadata(cfg: TrainConfig, concept: Concept, *, lr: float, steps: int,
@@ -147,6 +154,12 @@ class Trained:
     words: list[str]
     adapters: Adapters
     keys: FileKeys
+    text_encoder_2: nn.Module | None = None  # SDXL-class models' second text encoder
+
+    @property
+    def text_encoders(self) -> dict[str, nn.Module]:
+        both = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {k: v for k, v in both.items() if v is not None}
 
 
 def write_outputs(
@@ -171,7 +184,7 @@ def write_outputs(
     if gsnr is not None:
         run_dir.write_gsnr(gsnr)
     if ema is not None:  # the averaged tensors, as their own file set in ema/
-        with ema.applied(trained.text_encoder, trained.adapters.token_ids):
+        with ema.applied(trained.text_encoders, trained.adapters.token_ids):
             header = {**header, "sai_ema_decay": f"{cfg.ema.decay:g}"}
             files |= {f"ema/{k}": v
                       for k, v in _write_file_set(run_dir.ema, cfg, trained, header).items()}  # fmt: skip
@@ -189,6 +202,7 @@ def _write_file_set(
         run_dir.path,
         unet=trained.unet,
         text_encoder=text_encoder if lora.text_encoder else None,
+        text_encoder_2=trained.text_encoder_2,  # written when it has LoRA
         rank=lora.rank,
         alpha=lora.alpha,
         text_encoder_alpha=lora.text_encoder_alpha,
@@ -205,7 +219,8 @@ def _write_file_set(
         )
     else:
         files["embeddings"] = save_embeddings(run_dir.embeddings, tokenizer=trained.tokenizer,
-                                              text_encoder=text_encoder, tokens=trained.words)  # fmt: skip
+                                              text_encoder=text_encoder, tokens=trained.words,
+                                              text_encoder_2=trained.text_encoder_2)  # fmt: skip
     return files
 
 

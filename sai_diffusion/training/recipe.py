@@ -16,6 +16,7 @@ between model families is asked of ``models.family``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -32,10 +33,11 @@ from tqdm.auto import tqdm
 from ..config import BUILTIN_BASE_MODEL, Concept, TrainConfig, inert_settings, validate
 from ..errors import TrainingDiverged, UserError, first_line
 from ..files.concept_data import Example, discover_examples
+from ..files.lora_files import FileKeys
 from ..files.run_dir import FINAL_SAMPLES, RunDir, step_tag
 from ..machine import peak_memory_mb, reset_peak_memory
-from ..models.base import load_base, model_fingerprint
-from ..models.family import StableDiffusion, family_of
+from ..models.base import describe_base, load_base, model_fingerprint, prediction_note
+from ..models.family import FAMILIES, StableDiffusion, family_of
 from ..models.sampling import SampleSettings, write_samples
 from ..models.tokens import bake_token_embeddings
 from ..optim import build_optimizer
@@ -66,7 +68,7 @@ class Run:
     pipe: Any  # the base pipeline: its modules are the ones trained
     family: StableDiffusion
     unet: nn.Module  # as accelerate prepared it (DDP-wrapped over several processes)
-    text_encoder: nn.Module
+    text_encoders: dict[str, nn.Module]  # by part name; the trained ones as prepared
     adapters: Adapters
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
@@ -85,6 +87,15 @@ class Run:
     def trainable(self) -> dict[str, nn.Parameter]:
         return self.adapters.trainable
 
+    @property
+    def text_encoder(self) -> nn.Module:
+        """The (first) text encoder."""
+        return self.text_encoders["text_encoder"]
+
+    def trained_modules(self) -> list[nn.Module]:
+        """The modules the backward pass reaches (the UNet, the trained text encoders)."""
+        return [self.unet] + [m for m in self.text_encoders.values() if _trains(m)]
+
 
 # ----------------------------------------------------------------------------------- setup
 def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = False) -> Run:
@@ -101,6 +112,7 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
             matches nothing, a concept word already in the vocabulary, no checkpoint to resume.
     """
     validate(cfg, "settings", concept=concept)  # what the command line checks, for every caller
+    cfg = for_base_model(cfg)  # the model's family and size, read before any weight loads
     images, held_out = concept_data(cfg, concept)
     accelerator = _setup_accelerator(cfg)
     reset_peak_memory(accelerator.device)  # this run's peak, not an earlier one's in-process
@@ -115,14 +127,15 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     adapters = add_adapters(cfg, concept, pipe, family)
     optimizer, lr_scheduler = _setup_optimizer(cfg, adapters, cfg.group_lrs(concept), accelerator)
     # accelerate wraps the trained modules (DDP across GPUs) and the optimizer (GradScaler)
-    unet, text_encoder = pipe.unet, pipe.text_encoder
-    if cfg.trains_text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    else:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
+    encoders = {e.name: e.module for e in family.text_encoders(pipe)}
+    trained = [name for name, module in encoders.items() if _trains(module)]
+    unet, *prepared, optimizer = accelerator.prepare(
+        pipe.unet, *(encoders[n] for n in trained), optimizer
+    )
+    encoders |= dict(zip(trained, prepared, strict=True))
     device = accelerator.device
-    text = CaptionEncoder(family, family.text_encoders(pipe, text_encoder=text_encoder),
-                          device=device, words=adapters.words)  # fmt: skip
+    text = CaptionEncoder(family, family.text_encoders(pipe, **encoders), device=device,
+                          words=adapters.words)  # fmt: skip
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     objective = Objective(
         family, scheduler, device=device, use_masks=cfg.data.use_masks,
@@ -132,7 +145,7 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     )  # fmt: skip
     run = Run(
         cfg=cfg, concept=concept, run_dir=RunDir(run_dir), accelerator=accelerator, pipe=pipe,
-        family=family, unet=unet, text_encoder=text_encoder, adapters=adapters,
+        family=family, unet=unet, text_encoders=encoders, adapters=adapters,
         optimizer=optimizer, lr_scheduler=lr_scheduler,
         batches=_batches(cfg, images, classes, pipe, family, scheduler, accelerator),
         inputs=_inputs(cfg, images, classes, pipe, family, device), text=text,
@@ -144,6 +157,24 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     if resume:
         _restore(run)
     return run
+
+
+def for_base_model(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the base model's own resolution when none was given, after refusing the
+    settings its family cannot train (``models.family``), all before any weight loads.
+
+    Raises:
+        UserError: a bad base model source (``models.base.describe_base``), or a setting the
+            family refuses.
+    """
+    info = describe_base(cfg)
+    family = FAMILIES[info.family]
+    refused = family.refusals(cfg)
+    if refused:
+        raise UserError(f"{cfg.base.model} is an {info.label} model: " + "; ".join(refused))
+    if cfg.resolution is None:
+        cfg = validate(dataclasses.replace(cfg, resolution=info.native_resolution), "settings")
+    return cfg
 
 
 def concept_data(cfg: TrainConfig, concept: Concept) -> tuple[ConceptImages, list[Example]]:
@@ -204,10 +235,12 @@ def _load_model(cfg: TrainConfig, accelerator: Accelerator):
     if cfg.base.model == BUILTIN_BASE_MODEL:
         accelerator.print(
             "base model: the built-in miniature model (32 px world, CPU demo); pass "
-            "--base-model for a real SD 1.5-class checkpoint"
+            "--base-model for a real SD 1.5, SD 2.x or SDXL checkpoint"
         )
     pipe = load_base(cfg)
     family = family_of(pipe)
+    accelerator.print(f"base model: {family.label}, predicting {prediction_note(pipe)}, "
+                      f"training at {cfg.resolution} px")  # fmt: skip
     weight_dtype = _WEIGHT_DTYPES[accelerator.mixed_precision]
     for role, module in family.frozen_parts(pipe).items():
         dtype = torch.float32 if role == "vae" and cfg.compute.vae_fp32 else weight_dtype
@@ -314,6 +347,11 @@ def training_state(run: Run) -> TrainingState:
     )
 
 
+def _trains(module: nn.Module) -> bool:
+    """The module has a trained tensor (LoRA or the words' vectors)."""
+    return any(p.requires_grad for p in module.parameters())
+
+
 def _plain(run: Run, module: nn.Module) -> nn.Module:
     """The module itself, without DDP or torch.compile around it (its parameter names)."""
     return run.accelerator.unwrap_model(module, keep_torch_compile=False)
@@ -370,7 +408,7 @@ def train_step(run: Run) -> float:
     """One optimizer step over ``grad_accum`` micro-batches; returns the loss of the global
     batch (the mean over processes of each one's summed micro-batch losses)."""
     cfg, acc = run.cfg, run.accelerator
-    trained = [run.unet] + ([run.text_encoder] if cfg.trains_text_encoder else [])
+    trained = run.trained_modules()
     losses = []
     for micro in range(cfg.grad_accum):
         inputs = run.inputs(run.batches.batch(run.step, micro))
@@ -408,7 +446,7 @@ def train_step(run: Run) -> float:
 def validation_loss(run: Run) -> float:
     """The objective on the held-out images (``held_out.HeldOut.loss``), in eval mode under
     autocast. Every process computes it (the DDP modules' forward is collective)."""
-    with run.accelerator.autocast(), _eval_mode(run.unet, run.text_encoder):
+    with run.accelerator.autocast(), _eval_mode(run.unet, *run.text_encoders.values()):
         return run.held_out.loss(run.objective, run.unet, run.text)
 
 
@@ -436,11 +474,10 @@ def validate_samples(run: Run, tag: str | None = None) -> list[Path]:
     into ``samples/<tag>`` (default: the current step's)."""
     if not run.accelerator.is_main_process:
         return []
-    pipe = run.family.sampling_pipeline(
-        run.pipe, text_encoder=_plain(run, run.text_encoder), unet=_plain(run, run.unet)
-    )
+    encoders = {name: _plain(run, module) for name, module in run.text_encoders.items()}
+    pipe = run.family.sampling_pipeline(run.pipe, unet=_plain(run, run.unet), **encoders)
     out = run.run_dir.samples(tag or step_tag(run.step))
-    with run.accelerator.autocast(), _eval_mode(pipe.unet, pipe.text_encoder):
+    with run.accelerator.autocast(), _eval_mode(pipe.unet, *encoders.values()):
         return write_samples(pipe, run.concept.prompts(), run.cfg.validation.seeds,
                              SampleSettings.of_run(run.cfg), out)  # fmt: skip
 
@@ -471,13 +508,18 @@ def save_outputs(run: Run) -> dict[str, Path]:
     check_scales_agree(optimizer, acc)
     if not acc.is_main_process:
         return {}
-    text_encoder = _plain(run, run.text_encoder)
-    bake_token_embeddings(text_encoder)
+    encoders = {name: _plain(run, module) for name, module in run.text_encoders.items()}
+    for module in encoders.values():
+        bake_token_embeddings(module)
     header = metadata(run.cfg, run.concept, lr=run.lr, steps=run.step,
                       fingerprint=run.base_fingerprint)  # fmt: skip
+    # what a loader must know to use the LoRA with the right model and sampler
+    header |= {"sai_model_family": run.family.name,
+               "sai_prediction_type": run.objective.scheduler.config.prediction_type}  # fmt: skip
     try:
-        trained = Trained(_plain(run, run.unet), text_encoder, run.pipe.tokenizer,
-                          run.concept.words, run.adapters, run.family.file_keys)  # fmt: skip
+        trained = Trained(_plain(run, run.unet), encoders["text_encoder"], run.pipe.tokenizer,
+                          run.concept.words, run.adapters, _file_keys(run),
+                          text_encoder_2=encoders.get("text_encoder_2"))  # fmt: skip
         return write_outputs(run.run_dir, run.cfg, trained, optimizer=optimizer, header=header,
                              ema=run.ema)  # fmt: skip
     except OSError as exc:
@@ -486,6 +528,15 @@ def save_outputs(run: Run) -> dict[str, Path]:
             f"space or make the folder writable, then run --resume {run.run_dir.path} again "
             "(it writes them from the last checkpoint)"
         ) from None
+
+
+def _file_keys(run: Run) -> FileKeys:
+    """The family's file keys; an SD 2.x v-model says ``sd_v2_v`` in kohya's header, as kohya's
+    own v-parameterization runs do."""
+    keys = run.family.file_keys
+    if keys.v2 and run.objective.scheduler.config.prediction_type == "v_prediction":
+        keys = dataclasses.replace(keys, base_model_version=keys.base_model_version + "_v")
+    return keys
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -516,7 +567,7 @@ def run_training(
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs have proved good
-        run.run_dir.write_config(cfg, concept, {"lr": run.lr, "base_model_hash": run.base_fingerprint,
+        run.run_dir.write_config(run.cfg, concept, {"lr": run.lr, "base_model_hash": run.base_fingerprint,
                                                 "token_ids": run.adapters.token_ids})  # fmt: skip
     train(run)
     save_outputs(run)  # first: an interrupted final sampling must not cost the LoRA

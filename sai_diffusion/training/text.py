@@ -18,8 +18,23 @@ from ..models.tokens import tokenize
 from .attention import word_positions
 
 
+def _row(context, i: int):
+    """Row ``i`` of a batch's context (a tensor, or a ``PooledContext`` of tensors), on the CPU."""
+    if isinstance(context, tuple):
+        return type(context)(*(part[i].cpu() for part in context))
+    return context[i].cpu()
+
+
+def _stack(rows: Sequence, device):
+    """The batch of ``rows`` (``_row``'s) on ``device``."""
+    if isinstance(rows[0], tuple):
+        return type(rows[0])(*(torch.stack(parts).to(device) for parts in zip(*rows, strict=True)))
+    return torch.stack(rows).to(device)
+
+
 class CaptionEncoder:
-    """``encoder(captions)`` -> the UNet's context (B, T, D), or (B, L * T, D) for ED-LoRA.
+    """``encoder(captions)`` -> the UNet's context (B, T, D), or (B, L * T, D) for ED-LoRA, or an
+    SDXL-class model's ``PooledContext`` (the family's ``encode``).
 
     ``words``: an ED-LoRA run's layer-wise words (None for a plain run).
     """
@@ -43,7 +58,7 @@ class CaptionEncoder:
         """Encode ``captions`` now, one at a time, and read them from memory from then on."""
         with torch.no_grad():
             for caption in sorted(set(captions)):
-                self._cached[caption] = self._encode([caption])[0].cpu()
+                self._cached[caption] = _row(self._encode([caption]), 0)
 
     @property
     def cached(self) -> frozenset[str]:
@@ -52,7 +67,7 @@ class CaptionEncoder:
 
     def __call__(self, captions: Sequence[str]) -> torch.Tensor:
         if self._cached:
-            return torch.stack([self._cached[c] for c in captions]).to(self.device)
+            return _stack([self._cached[c] for c in captions], self.device)
         return self._encode(captions)
 
     def _encode(self, captions: Sequence[str]) -> torch.Tensor:

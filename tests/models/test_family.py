@@ -58,12 +58,13 @@ def test_the_sampling_pipeline_keeps_the_models_modules(tiny_pipeline_dir):
     assert STABLE_DIFFUSION.sampling_pipeline(pipe, scheduler="native").scheduler is pipe.scheduler
 
 
-def test_an_sdxl_class_unet_is_refused_by_name(tiny_pipeline_dir):
-    """A UNet conditioned on time ids and pooled text (SDXL's text_time) is not SD 1.x / 2.x."""
+def test_an_sdxl_class_unet_without_a_second_text_encoder_is_refused_by_name(tiny_pipeline_dir):
+    """A UNet conditioned on time ids and pooled text (SDXL's text_time) in a pipeline with one
+    text encoder (a refiner's layout) is neither SD 1.x / 2.x nor a trainable SDXL."""
     pipe = load_pipe(tiny_pipeline_dir)
     config = dict(pipe.unet.config)
     config.update(addition_embed_type="text_time", addition_time_embed_dim=8,
                   projection_class_embeddings_input_dim=8 * 6 + 32)  # fmt: skip
     pipe.unet = UNet2DConditionModel.from_config(config)
-    with pytest.raises(UserError, match="SDXL-class"):
+    with pytest.raises(UserError, match="SDXL refiner"):
         family_of(pipe)
