@@ -7,8 +7,10 @@ of the library's functions (``compare.Comparer`` for the grid and its images,
 ``compare.labels`` for the run picker, ``compare.views`` for curves, g-SNR and costs, the
 ``sai-train-lora`` command line for a new run) and nothing here re-implements them.
 
-Safe by default: it binds 127.0.0.1, serves files from the runs folder only (plus gradio's
-cache of the images it generated), sends no analytics, and shows errors as one message.
+Safe by default: it binds 127.0.0.1, answers only requests addressed to this machine and
+sent by its own pages (``hosts``), serves files from the runs folder only (plus gradio's
+cache of the images it generated), bounds what one comparison may ask for, sends no
+analytics, and shows errors as one message.
 """
 
 from __future__ import annotations
@@ -19,21 +21,22 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import functools
 import inspect
-import ipaddress
 import itertools
 import logging
+import math
 import re
 import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
-from sai_diffusion.compare import Comparer, RunInfo
+from sai_diffusion.compare import SEED_LIMIT, Comparer, RunInfo
 from sai_diffusion.compare.labels import group_runs, run_labels
 from sai_diffusion.config import available_concepts
 from sai_diffusion.errors import UserError
@@ -41,7 +44,8 @@ from sai_diffusion.files.run_dir import EVAL_FILE, GSNR_FILE, METRICS_FILE, RUN_
 from sai_diffusion.fsutil import atomic_path
 from sai_diffusion.optim import OPTIMIZERS
 
-from .training import TRAIN_FIELDS, TrainingJob, shown_command, train_args
+from .hosts import HostCheck, is_loopback
+from .training import TRAIN_FIELDS, TrainingJob, short, shown_command, train_args
 from .views import (
     COST_HEADERS,
     alignment_figure,
@@ -55,6 +59,7 @@ log = logging.getLogger("sai_app")
 
 ALL_RUNS = "all runs"
 MAX_SEEDS = 16
+MAX_TEXT = 1_000  # characters of a prompt or the seeds field
 LORA_WEIGHTS = [("0 (base UNet)", 0.0), ("0.7", 0.7), ("1.0", 1.0)]  # Mix-of-Show's comparison
 CSS = ".sai-note {opacity: 0.8; font-size: 0.9em}"
 
@@ -103,16 +108,26 @@ def parse_seeds(text: str) -> list[int]:
     """``"1,2,3"``, ``"1 2 3"`` or ``"1-4"`` -> seeds, in order, each once.
 
     Raises:
-        UserError: not integers, none, or more than ``MAX_SEEDS``.
+        UserError: not whole numbers in [0, 2**63), none, more than ``MAX_SEEDS``, or more
+            than ``MAX_TEXT`` characters.
     """
+    text = str(text)
+    if len(text) > MAX_TEXT:
+        raise UserError(f"Seeds: at most {MAX_TEXT:,} characters, got {len(text):,}.")
     seeds: list[int] = []
-    for part in re.split(r"[,\s]+", str(text).strip()):
+    for part in re.split(r"[,\s]+", text.strip()):
         if not part:
             continue
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
         if not m:
-            raise UserError(f"Seeds: {part!r} is not a seed; write numbers like 1,2,3 or 1-4.")
+            raise UserError(
+                f"Seeds: {short(part)} is not a seed; write whole numbers like 1,2,3 or 1-4."
+            )
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi >= SEED_LIMIT:
+            raise UserError(
+                f"Seeds: {short(part)} is too large; a seed is a whole number from 0 to 2**63 - 1."
+            )
         if hi < lo or hi - lo >= MAX_SEEDS:
             raise UserError(f"Seeds: the range {part} is empty or too long.")
         seeds.extend(s for s in range(lo, hi + 1) if s not in seeds)
@@ -121,6 +136,37 @@ def parse_seeds(text: str) -> list[int]:
     if len(seeds) > MAX_SEEDS:
         raise UserError(f"Seeds: at most {MAX_SEEDS} per comparison, got {len(seeds)}.")
     return seeds
+
+
+def one_line(text: str | None, what: str) -> str:
+    """A prompt field's text, stripped.
+
+    Raises:
+        UserError: a line break, or more than ``MAX_TEXT`` characters (each line would be a
+            line of the grid's title, and the text model reads 77 tokens anyway).
+    """
+    text = str(text or "")
+    if len(text) > MAX_TEXT:
+        raise UserError(f"{what}: at most {MAX_TEXT:,} characters, got {len(text):,}.")
+    text = text.strip()
+    if len(text.splitlines()) > 1:
+        raise UserError(f"{what}: write it on one line; this one has a line break.")
+    return text
+
+
+def number(value: Any, what: str) -> float:
+    """A slider's value as a finite float (the API may send anything).
+
+    Raises:
+        UserError: not a number, NaN or infinite.
+    """
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x):
+        raise UserError(f"{what} must be a finite number, got {short(str(value))}.")
+    return x
 
 
 class ComparerCache:
@@ -299,28 +345,30 @@ class CompareApp:
     ) -> tuple[str, dict[str, Any]]:
         """Generate every chosen run with the same prompt, seeds and settings; return the grid
         PNG's path (the API's answer) and the gallery's items."""
-        chosen = self.resolve(runs)
-        seed_list = parse_seeds(seeds)
-        if not (prompt or "").strip():
+        prompt = one_line(prompt, "Prompt")
+        if not prompt:
             raise UserError("Write a prompt; {token} becomes each run's concept token.")
+        negative_prompt = one_line(negative_prompt, "Negative prompt")
+        seed_list = parse_seeds(seeds)
+        steps, guidance = int(number(steps, "Sampling steps")), number(guidance, "Guidance")
+        lora_weight = number(lora_weight, "LoRA weight")
+        chosen = self.resolve(runs)
         progress(0, desc=f"loading the base model and {len(chosen)} LoRA(s)")
         comparer = self.comparers.get(chosen, device=self.device)
 
         def report(done: int, total: int) -> None:
             progress(done / total, desc=f"image {done} of {total}")
 
-        settings = (
-            f"LoRA weight {float(lora_weight):g}, {int(steps)} steps, cfg {float(guidance):g}"
-        )
+        settings = f"LoRA weight {lora_weight:g}, {steps} steps, cfg {guidance:g}"
         shown = comparer.compare(
             prompt,
             seed_list,
             title=f"{prompt}  ({settings})",
             order=[r.path for r in chosen],  # the cached comparer orders runs by path
-            steps=int(steps),
-            guidance=float(guidance),
-            negative_prompt=(negative_prompt or "").strip() or None,
-            lora_weight=float(lora_weight),
+            steps=steps,
+            guidance=guidance,
+            negative_prompt=negative_prompt or None,
+            lora_weight=lora_weight,
             progress=report,
             with_base=bool(with_base),
         )
@@ -609,16 +657,22 @@ def launch(
     device: str | None = None,
     prevent_thread_lock: bool = False,
     quiet: bool = False,
+    allowed_hosts: Iterable[str] = (),
 ) -> gr.Blocks:
     """Serve the app; blocks until Ctrl-C unless ``prevent_thread_lock``.
 
     Only ``runs_dir`` is added to gradio's allowed paths: the page can fetch the runs' own
     images, and nothing else on the disk (gradio also serves the images it generated, from
     its cache folder). Starting training runs from the page is offered on a loopback
-    ``host`` only.
+    ``host`` only. A request addressed to a name that is not this machine's (``Host``) or
+    sent by another site's page (``Origin``) gets 400 before gradio sees it: see
+    ``hosts.HostCheck`` for the rule; ``allowed_hosts`` are more names to answer.
     """
     runs_dir = Path(runs_dir).expanduser().resolve()
     demo = build_app(runs_dir, device=device, allow_training=is_loopback(host))
+    # gradio adds its compression and CORS middlewares around this one: they answer a CORS
+    # preflight (OPTIONS) themselves but reach no route, so every route sits behind the check
+    host_check = Middleware(HostCheck, host=host, extra=tuple(allowed_hosts))
     demo.launch(
         server_name=host,
         server_port=port,
@@ -630,14 +684,6 @@ def launch(
         max_file_size="1mb",  # the app takes no uploads
         css=CSS,
         quiet=quiet,
+        app_kwargs={"middleware": [host_check]},  # FastAPI(middleware=...)
     )
     return demo
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -3,6 +3,7 @@ child process whose progress bar is read back. Training itself is the CLI's."""
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import subprocess
@@ -12,6 +13,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from sai_diffusion.compare import SEED_LIMIT
 from sai_diffusion.errors import UserError
 
 # The Train tab's settings, in the order of its fields. After concept, base model and
@@ -33,11 +35,12 @@ def train_args(runs_dir: Path, settings: Mapping[str, str | None]) -> list[str]:
     folder, which must lie inside the runs folder so that the run shows up here. A missing
     entry counts as empty.
 
-    Ranges are the CLI's to check: it says what is wrong in the progress box.
+    Ranges are the CLI's to check (it says what is wrong in the progress box), but for the
+    seed's: one no generator takes is refused here.
 
     Raises:
-        UserError: a missing concept, a field that is not a number, or a run folder outside
-            the runs folder.
+        UserError: a missing concept, a field that is not a (finite) number, a seed outside
+            [0, 2**63), or a run folder outside the runs folder.
         ValueError: a setting that is not one of ``TRAIN_FIELDS`` (a programming error).
     """
     unknown = set(settings) - set(TRAIN_FIELDS)
@@ -56,9 +59,16 @@ def train_args(runs_dir: Path, settings: Mapping[str, str | None]) -> list[str]:
             continue
         try:
             number = kind(text[name])
-        except ValueError:
-            what = "a number" if kind is float else "a whole number"
-            raise UserError(f"Train: {flag} must be {what}, got {text[name]!r}.") from None
+        except ValueError:  # int() also refuses more than 4,300 digits
+            number = None
+        if number is None or (kind is float and not math.isfinite(number)):
+            what = "a finite number" if kind is float else "a whole number"
+            raise UserError(f"Train: {flag} must be {what}, got {short(text[name])}.")
+        if name == "seed" and not 0 <= number < SEED_LIMIT:
+            raise UserError(
+                f"Train: --seed {short(text[name])} is out of range; a seed is a whole number "
+                "from 0 to 2**63 - 1."
+            )
         args += [flag, f"{number:g}" if kind is float else str(number)]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = text["run_folder"] or f"{Path(text['concept']).stem}/{optimizer}-{stamp}"
@@ -66,6 +76,11 @@ def train_args(runs_dir: Path, settings: Mapping[str, str | None]) -> list[str]:
     if not out.is_relative_to(runs_dir) or out == runs_dir:
         raise UserError(f"Train: the run folder {name!r} must be inside {runs_dir}.")
     return [*args, "--output-dir", str(out)]
+
+
+def short(text: str, limit: int = 40) -> str:
+    """A bad value quoted in a message: its start only, however long it is."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
 def shown_command(args: list[str]) -> str:

@@ -1,8 +1,9 @@
-"""Command-line entry points: ``sai-train-lora``, ``sai-sample``, ``sai-eval``, ``sai-compare``
-and ``sai-app``.
+"""Command-line entry points: ``sai-train-lora``, ``sai-sample``, ``sai-eval``, ``sai-compare``,
+``sai-export`` and ``sai-app``.
 
 They parse flags into the library's config and call it; bad input ends with exit code 2 and
-one message, a diverged run with exit code 3. The library parts that load torch, diffusers or
+one message (a flag that breaks its rule in ``cli_args`` while it is parsed), a diverged run
+with exit code 3. The library parts that load torch, diffusers or
 gradio are imported inside each command, after its flags are parsed: ``--help`` and a typo
 answer at once.
 """
@@ -18,9 +19,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import config
+from . import cli_args, config
 from ._resources import app_dir
-from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, TrainingDiverged, UserError
+from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, Interrupted, TrainingDiverged, UserError
 from .files.run_dir import EVAL_FILE, RUN_FILE, RunDir, load_run_info
 from .optim import OPTIMIZERS
 
@@ -49,8 +50,11 @@ def _run(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int
             file=sys.stderr,
         )
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted; resume with --resume RUN_DIR from the last checkpoint", file=sys.stderr)
+    except Interrupted as exc:  # training stopped by a signal, its work kept
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:  # before or after training (loading, sampling): nothing to keep
+        print("interrupted", file=sys.stderr)
         return 130
 
 
@@ -80,9 +84,15 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--output-dir", help="run folder (default: runs/<concept>/<optimizer>-lr...)")
+    p.add_argument("--output-dir", type=cli_args.out_dir,
+                   help="run folder (default: runs/<concept>/<optimizer>-lr...)")  # fmt: skip
     p.add_argument(
         "--resume", metavar="DIR|latest", help="continue a run from its latest complete checkpoint"
+    )
+    p.add_argument(
+        "--allow-changed-data",
+        action="store_true",
+        help="with --resume: continue although the concept's images, masks or captions changed",
     )
     p.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE")
     return p
@@ -109,7 +119,8 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg, concept = resumed_settings(RunDir(run_dir), args.concept, flags, args.set_items)
         from .training.recipe import run_training  # torch: only once the settings are good
 
-        run_training(cfg, concept, run_dir, resume=True)
+        run_training(cfg, concept, run_dir, resume=True,
+                     allow_changed_data=args.allow_changed_data)  # fmt: skip
     else:
         if not args.concept:
             raise UserError(
@@ -152,18 +163,16 @@ def sample_main(argv: list[str] | None = None) -> int:
         prog="sai-sample", description="Generate images with a trained run."
     )
     p.add_argument("--run", required=True, help="run folder written by sai-train-lora")
-    p.add_argument("--prompt", action="append", required=True, help="may repeat; {token} allowed")
-    p.add_argument("--seed", type=int, action="append", help="may repeat (default: 1)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--prompt", type=cli_args.prompt_template, action="append", required=True,
+                   help="may repeat; {token} stands for the run's words")  # fmt: skip
+    p.add_argument("--seed", type=cli_args.seed, action="append", help="may repeat (default: 1)")
+    p.add_argument("--steps", type=cli_args.steps, default=25)
+    p.add_argument("--guidance", type=cli_args.guidance, default=7.5)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--lora-weight", type=float, default=1.0)
-    p.add_argument("--resolution", type=int, help="default: the run's")
-    p.add_argument(
-        "--out",
-        default=None,
-        help=f"output folder (default: {RunDir('RUN').samples('sai-sample')})",
-    )
+    p.add_argument("--lora-weight", type=cli_args.lora_weight, default=1.0)
+    p.add_argument("--resolution", type=cli_args.resolution, help="default: the run's")
+    p.add_argument("--out", type=cli_args.out_dir, default=None,
+                   help=f"output folder (default: {RunDir('RUN').samples('sai-sample')})")  # fmt: skip
     args = p.parse_args(argv)
     run = RunDir(args.run)
     cfg, concept, _ = run.read_config()
@@ -184,7 +193,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         height=size,
         width=size,
     )
-    prompts = [pr.format(token=concept.text) for pr in args.prompt]
+    prompts = [pr.replace(cli_args.PLACEHOLDER, concept.text) for pr in args.prompt]
     out = Path(args.out) if args.out else run.samples("sai-sample")
     with models.active(models.runs[0].name, args.lora_weight) as pipe:
         for path in write_samples(pipe, prompts, args.seed or [1], settings, out):
@@ -196,7 +205,7 @@ def sample_entry() -> None:
     sys.exit(_run(sample_main, None))
 
 
-# ----------------------------------------------------------------------------- sai-compare
+# ------------------------------------------------------------------------------ sai-export
 EXPORT_FORMATS = ("mix-of-show",)
 
 
@@ -209,12 +218,14 @@ def export_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("run", metavar="RUN_DIR", help="run folder written by sai-train-lora")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    p.add_argument("--out", required=True, help="the file to write, e.g. potter.pth")
+    p.add_argument("--out", type=cli_args.out_file, required=True,
+                   help="the file to write, e.g. potter.pth (outside the run folder)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     RunDir(args.run).read_config()  # a run folder at all: one clear line before torch loads
     from .files.mix_of_show import export_mix_of_show
 
-    print(export_mix_of_show(Path(args.run), Path(args.out)))
+    print(export_mix_of_show(Path(args.run), Path(args.out), overwrite=args.force))
     return 0
 
 
@@ -222,6 +233,7 @@ def export_entry() -> None:
     sys.exit(_run(export_main, None))
 
 
+# ----------------------------------------------------------------------------- sai-compare
 def compare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sai-compare",
@@ -231,18 +243,18 @@ def compare_parser() -> argparse.ArgumentParser:
         f"and an HTML report beside it with each run's settings and {EVAL_FILE} scores.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders of sai-train-lora")
-    p.add_argument(
-        "--prompt", action="append", required=True, help="may repeat; {token} is each run's token"
-    )
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="default: 1 2")
-    p.add_argument("--out", required=True, help="grid PNG; the report goes beside it as .html")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--prompt", type=cli_args.prompt_template, action="append", required=True,
+                   help="may repeat; {token} is each run's token")  # fmt: skip
+    p.add_argument("--seeds", type=cli_args.seed, nargs="+", default=[1, 2], help="default: 1 2")
+    p.add_argument("--out", type=cli_args.out_file, required=True,
+                   help="grid PNG; the report goes beside it as .html")  # fmt: skip
+    p.add_argument("--steps", type=cli_args.steps, default=25)
+    p.add_argument("--guidance", type=cli_args.guidance, default=7.5)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--lora-weight", type=float, nargs="+", default=[1.0],
+    p.add_argument("--lora-weight", type=cli_args.lora_weight, nargs="+", default=[1.0],
                    help="one grid per weight, e.g. 0 0.7 1.0 as Mix-of-Show compares; 0 gives "
                    "the base model (an ED-LoRA run keeps its embeddings)")  # fmt: skip
-    p.add_argument("--resolution", type=int, help="default: the first run's")
+    p.add_argument("--resolution", type=cli_args.resolution, help="default: the first run's")
     p.add_argument(
         "--with-base",
         action="store_true",
@@ -257,6 +269,9 @@ def compare_main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out}: give a .png file name; the report is written beside it")
+    if out.with_suffix(".html").is_dir():  # found now, not after every image is drawn
+        raise UserError(f"--out {out}: the report's name {out.with_suffix('.html')} is a "
+                        "folder; choose another name for the grid")  # fmt: skip
     from tqdm.auto import tqdm
 
     from .compare import SCHEDULER, Comparer, load_run_info, write_report
@@ -324,17 +339,18 @@ def eval_main(argv: list[str] | None = None) -> int:
                    "facebook/dino-vits16; 'none' skips DINO)")  # fmt: skip
     p.add_argument("--prompts", help="a file of prompts with {token}, one per line, or a shipped "
                    "set: person, object, style (default: the concept's)")  # fmt: skip
-    p.add_argument("--seeds", type=int, nargs="+", help="default: the concept's evaluation seeds")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the concept's, or 20)")
-    p.add_argument("--guidance", type=float, help="guidance scale (default: the concept's, or 6)")
+    p.add_argument("--seeds", type=cli_args.seed, nargs="+",
+                   help="default: the concept's evaluation seeds")  # fmt: skip
+    p.add_argument("--steps", type=cli_args.steps,
+                   help="sampler steps (default: the concept's, or 20)")  # fmt: skip
+    p.add_argument("--guidance", type=cli_args.guidance,
+                   help="guidance scale (default: the concept's, or 6)")  # fmt: skip
     p.add_argument("--no-base", action="store_true", help="skip the base model's scores")
     p.add_argument("--class-fidelity", action="store_true",
                    help="miniature world: also judge the prompts with the class word (what the "
                    "LoRA did to its class; prior preservation's measure)")  # fmt: skip
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     args = p.parse_args(argv)
-    if args.steps is not None and not 1 <= args.steps <= 1000:
-        raise UserError(f"--steps must be in [1, 1000], got {args.steps}")
     concepts = {}
     for run_dir in args.run_dirs:  # before torch loads: a typo answers at once
         _, concepts[run_dir], _ = RunDir(run_dir).read_config()
@@ -392,6 +408,14 @@ def app_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, help="default: 7860, or the next free one")
     p.add_argument("--device", help="for generating images (default: cuda when available)")
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name this app may be reached by (a reverse proxy's); may repeat. Requests "
+        "addressed to other names are refused (DNS rebinding)",
+    )
     return p
 
 
@@ -431,7 +455,8 @@ def app_main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     try:
-        app.launch(runs_dir, host=args.host, port=args.port, device=args.device)
+        app.launch(runs_dir, host=args.host, port=args.port, device=args.device,
+                   allowed_hosts=args.allow_host)  # fmt: skip
     except OSError as exc:  # the port is taken, or the address is not this machine's
         reason = str(exc).split(". ")[0]
         raise UserError(

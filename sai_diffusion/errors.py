@@ -18,6 +18,15 @@ class UserError(Exception):
     """
 
 
+class Interrupted(Exception):
+    """A training run stopped by SIGINT or SIGTERM. Its message says what was kept and the
+    command that resumes it; entry points exit with 128 + the signal's number (130, 143)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the message names the step and the last good checkpoint.
     Command-line entry points exit with ``EXIT_DIVERGED``."""

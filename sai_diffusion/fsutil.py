@@ -23,9 +23,25 @@ def naming(path: Path):
         raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc), else by
+    setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename,
+    with the mode a plainly created file gets (0666 less the umask: mkstemp's 0600 would hide
+    a LoRA from a ComfyUI service running as another user)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -35,6 +51,7 @@ def atomic_path(path: Path):
             yield Path(tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~umask())
             os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -71,6 +88,7 @@ def atomic_dir(path: Path):
             if file.is_file():
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700, as a plain mkdir would make it
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -47,7 +47,7 @@ PARTS = {
     "compare": ["sai_diffusion.compare"],
     "evaluation": ["sai_diffusion.evaluation"],
     "miniature": ["sai_diffusion.miniature"],
-    "cli": ["sai_diffusion.cli"],
+    "cli": ["sai_diffusion.cli", "sai_diffusion.cli_args"],
     "app": ["app"],
 }
 

@@ -46,6 +46,7 @@ ENTRY_POINTS = {
     "sai-sample": "sample_entry",
     "sai-eval": "eval_entry",
     "sai-compare": "compare_entry",
+    "sai-export": "export_entry",
     "sai-app": "app_entry",
 }
 PROMPT = "a photo of {token}"
@@ -156,6 +157,39 @@ def _mkdir(name: str) -> Build:
     return lambda here, run: (here / name).mkdir(parents=True)
 
 
+def _run_copy(change: Callable[[Path], object] | None = None) -> Build:
+    """A copy of the finished fixture run as ``run``, then ``change(run)``; and notes.txt."""
+
+    def build(here: Path, run: Path) -> None:
+        copy = copy_run(run, here / "run")
+        (here / "notes.txt").write_text("notes\n", encoding="utf-8")
+        if change is not None:
+            change(copy)
+
+    return build
+
+
+def _cut_in_half(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _appended(text: str) -> Build:
+    """The good concept with ``text`` appended to thing.yaml as it is (raw YAML)."""
+
+    def build(here: Path, run: Path) -> None:
+        path = write_concept(here)
+        path.write_text(path.read_text(encoding="utf-8") + text, encoding="utf-8")
+
+    return build
+
+
+# nine levels of nine aliases each: 9**9 values once expanded, in 341 bytes ("billion laughs")
+_ALIAS_BOMB = "  rank:\n    - &a [1,1,1,1,1,1,1,1,1]\n" + "".join(
+    f"    - &{b} [{','.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
 CASES: tuple[Case, ...] = (
     # -- config: the concept YAML, flags and --set, checked before any model library loads
     Case("concept-typo-key", "config", "concept YAML with a typo key (`tokn:`)", _train(),
@@ -163,6 +197,27 @@ CASES: tuple[Case, ...] = (
     Case("concept-not-yaml", "config", "concept file that is not valid YAML", _train(),
          lambda here, run: (here / "thing.yaml").write_text("token: <Vthing>\nclass_word: [dog\n"),
          names="thing.yaml"),
+    Case("concept-duplicate-key", "config", "concept YAML that gives a key twice",
+         _train(), _appended("data: other\n"), names="'data' is given twice"),
+    Case("concept-alias-bomb", "config",
+         "concept YAML whose aliases expand to 9**9 values (\"billion laughs\", 341 bytes)",
+         _train(), _appended(_ALIAS_BOMB), names="more than 10,000 values"),
+    Case("prompt-placeholder", "config", "validation prompt with an unknown placeholder (`{tokn}`)",
+         _train(), _concept(validation_prompts=["a photo of {tokn}"]), names="{tokn}"),
+    Case("prompt-stray-brace", "config", "validation prompt with a stray `{`", _train(),
+         _concept(validation_prompts=["a photo of {token"]), names="stray '{'"),
+    Case("seed-out-of-range", "config", "a seed past 2**63",
+         _train("--seed", "99999999999999999999999"), names="2**63"),
+    Case("validation-seed-out-of-range", "config", "a validation seed past 2**63",
+         _train("--set", "validation_seeds=[99999999999999999999]"), names="validation_seeds"),
+    Case("alpha-inf", "config", "an infinite LoRA alpha", _train("--set", "alpha=.inf"),
+         names="lora.alpha"),
+    Case("scaled-reg-nan", "config", "scaled-AdamW's regulariser NaN",
+         _train("--optimizer", "scaled-adamw", "--set", "scaled_reg=.nan"), names="scaled_reg"),
+    Case("max-steps-huge", "config", "max_steps of 10**20",
+         _train("--set", "max_steps=99999999999999999999"), names="max_steps"),
+    Case("log-every-zero", "config", "log_every 0", _train("--set", "log_every=0"),
+         names="log_every"),
     Case("concept-file-missing", "config", "concept file that does not exist",
          ("sai-train-lora", "--concept", "nothere.yaml"), names="nothere.yaml"),
     Case("concept-name-unknown", "config", "concept name that is not shipped (`pottr`)",
@@ -235,6 +290,10 @@ CASES: tuple[Case, ...] = (
     # -- run folders: --output-dir, --resume, a run given to the other tools
     Case("output-not-empty", "run", "--output-dir that holds other files",
          _train("--output-dir", "out"), _not_empty, names="not empty"),
+    Case("output-a-file", "run", "--output-dir that is a file",
+         _train("--output-dir", "thing.yaml"), names="is a file"),
+    Case("output-under-a-file", "run", "--output-dir under a file",
+         _train("--output-dir", "thing.yaml/run"), names="which is a file"),
     Case("resume-not-a-run", "run", "--resume of a folder that is not a run",
          ("sai-train-lora", "--resume", "notarun"), _mkdir("notarun"), names="run.yaml"),
     Case("resume-latest-none", "run", "--resume latest with no runs",
@@ -247,6 +306,39 @@ CASES: tuple[Case, ...] = (
          ("sai-sample", "--run", "run", "--prompt", PROMPT),
          lambda here, run: copy_run(run, here / "run", finished=False), names="--resume",
          needs_fixture=True),
+    Case("sample-seed-too-big", "run", "sai-sample with a seed past 2**63",
+         ("sai-sample", "--run", "run", "--prompt", PROMPT, "--seed",
+          "99999999999999999999999"), _run_copy(), names="--seed", needs_fixture=True),
+    Case("sample-prompt-typo", "run", "sai-sample prompt with `{tokn}`",
+         ("sai-sample", "--run", "run", "--prompt", "a {tokn}"), _run_copy(), names="{tokn}",
+         needs_fixture=True),
+    Case("sample-steps-zero", "run", "sai-sample --steps 0",
+         ("sai-sample", "--run", "run", "--prompt", PROMPT, "--steps", "0"), _run_copy(),
+         names="--steps", needs_fixture=True),
+    Case("sample-guidance-nan", "run", "sai-sample --guidance nan",
+         ("sai-sample", "--run", "run", "--prompt", PROMPT, "--guidance", "nan"), _run_copy(),
+         names="--guidance", needs_fixture=True),
+    Case("sample-out-file", "output", "sai-sample --out that is a file",
+         ("sai-sample", "--run", "run", "--prompt", PROMPT, "--out", "notes.txt"), _run_copy(),
+         names="notes.txt", needs_fixture=True),
+    Case("sample-lora-truncated", "run", "sai-sample of a run whose `lora.safetensors` is cut in half",
+         ("sai-sample", "--run", "run", "--prompt", PROMPT),
+         _run_copy(lambda run: _cut_in_half(run / "lora.safetensors")),
+         names="lora.safetensors", needs_fixture=True),
+    Case("sample-words-missing", "run", "sai-sample of a run whose `embeddings.safetensors` is gone",
+         ("sai-sample", "--run", "run", "--prompt", PROMPT),
+         _run_copy(lambda run: (run / "embeddings.safetensors").unlink()),
+         names="embeddings.safetensors", needs_fixture=True),
+    Case("compare-out-dir", "output", "sai-compare --out that is a folder",
+         ("sai-compare", "run", "--prompt", PROMPT, "--out", "grid.png"),
+         _run_copy(lambda run: (run.parent / "grid.png").mkdir()), names="grid.png",
+         needs_fixture=True),
+    Case("export-into-run", "output", "sai-export over the run's own `lora.safetensors`",
+         ("sai-export", "run", "--format", "mix-of-show", "--out", "run/lora.safetensors"),
+         _run_copy(), names="never replaces", needs_fixture=True),
+    Case("export-out-exists", "output", "sai-export --out a file that exists, without --force",
+         ("sai-export", "run", "--format", "mix-of-show", "--out", "notes.txt"), _run_copy(),
+         names="--force", needs_fixture=True),
     Case("eval-not-a-run", "run", "sai-eval on a folder that is not a run",
          ("sai-eval", "notarun"), _mkdir("notarun"), names="run.yaml"),
     # -- checkpoint: what --resume reads

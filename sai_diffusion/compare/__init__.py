@@ -9,12 +9,13 @@ The names below are the library API that ``sai-compare`` and the app are built o
 
 from ..files.run_dir import EVAL_FILE, RunInfo, find_runs, load_run_info
 from ..models.sampling import SCHEDULER
-from .comparer import Comparer, Comparison
-from .grid import GridLayout, grid_layout, make_grid
+from .comparer import SEED_LIMIT, Comparer, Comparison, check_seeds
+from .grid import TITLE_LINES, GridLayout, grid_layout, make_grid
 from .labels import BASE_ROW, row_labels
 from .report import write_report
 
 __all__ = [
-    "BASE_ROW", "EVAL_FILE", "SCHEDULER", "Comparer", "Comparison", "GridLayout", "RunInfo", "find_runs",
-    "grid_layout", "load_run_info", "make_grid", "row_labels", "write_report",
+    "BASE_ROW", "EVAL_FILE", "SCHEDULER", "SEED_LIMIT", "TITLE_LINES", "Comparer", "Comparison",
+    "GridLayout", "RunInfo", "check_seeds", "find_runs", "grid_layout", "load_run_info", "make_grid",
+    "row_labels", "write_report",
 ]  # fmt: skip

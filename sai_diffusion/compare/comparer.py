@@ -12,6 +12,7 @@ class word: the base model has never seen the token.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from ..models.inference import RunModels
 from ..models.sampling import SampleSettings, generate
 from .grid import make_grid
 from .labels import BASE_ROW, row_labels
+
+SEED_LIMIT = 2**63  # a signed 64-bit integer: what torch's generators and numpy both take
 
 
 @dataclass
@@ -88,7 +91,8 @@ class Comparer:
         resolution). ``progress(done, total)`` is called after each image.
 
         Raises:
-            UserError: no seeds, or steps, size or guidance out of range.
+            UserError: no seeds, a seed that is not a whole number in [0, 2**63), or steps,
+                size or guidance out of range.
         """
         size = resolution if resolution is not None else self.runs[0].resolution
         _check_settings(seeds, steps=steps, guidance=guidance, size=size)
@@ -152,9 +156,19 @@ class Comparer:
         return text
 
 
-def _check_settings(seeds: list[int], *, steps: int, guidance: float, size: int) -> None:
+def check_seeds(seeds: Sequence[int]) -> None:
+    """Raises UserError: no seeds, or one that is not a whole number in [0, 2**63)."""
     if not seeds:
         raise UserError("No seeds given: pass at least one, e.g. --seeds 1 2 3.")
+    for seed in seeds:
+        whole = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+        if not whole or not 0 <= seed < SEED_LIMIT:
+            shown = str(seed) if len(str(seed)) <= 30 else str(seed)[:30] + "…"
+            raise UserError(f"seed {shown}: a seed is a whole number from 0 to 2**63 - 1.")
+
+
+def _check_settings(seeds: list[int], *, steps: int, guidance: float, size: int) -> None:
+    check_seeds(seeds)
     if not 1 <= steps <= 1000:
         raise UserError(f"steps must be in [1, 1000], got {steps}.")
     if not 0 <= guidance <= 50:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 PAD = 6  # pixels around every label
+TITLE_LINES = 3  # the title band's most lines: a longer title is cut, ending in "…"
+ELLIPSIS = "…"
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ def make_grid(
     """One row per key of ``rows`` (in order), one column per image, on white.
 
     ``row_labels`` (newlines allowed; a missing key shows the key) go in a column on the left,
-    ``col_labels`` above the columns, ``title`` (wrapped to the grid's width) above all. The
+    ``col_labels`` above the columns, ``title`` (wrapped to the grid's width, at most
+    ``TITLE_LINES`` lines: a longer one is cut with an ellipsis) above all. The
     labels use PIL's built-in font. Every image must have the same size; images under
     ``MIN_TILE`` pixels (the miniature world's 32 px) are enlarged by a whole factor, nearest
     neighbour, so that they can be seen and their labels fit beside them.
@@ -117,20 +120,45 @@ def _lines_height(n: int, font) -> int:
     return _text_size("\n".join(["Ág|"] * n), font)[1]
 
 
-def _wrap(text: str, width: int, font) -> list[str]:
-    """Greedy word wrap to ``width`` pixels; a word longer than a line gets a line of its own."""
+def _wrap(text: str, width: int, font, max_lines: int = TITLE_LINES) -> list[str]:
+    """Greedy word wrap to ``width`` pixels, at most ``max_lines`` lines. A longer text is cut,
+    its last line ending in an ellipsis; so is a word wider than a line."""
+    # each character is at least a pixel wide: no more of the text can show, and a title of
+    # megabytes costs no more than one that fills the band
+    shown = text[: max_lines * (width + 1)]
     lines: list[str] = []
-    for paragraph in text.splitlines() or [""]:
+    for paragraph in shown.splitlines() or [""]:
         line = ""
         for word in paragraph.split(" "):
             trial = f"{line} {word}" if line else word
             if line and _text_size(trial, font)[0] > width:
                 lines.append(line)
                 line = word
+                if len(lines) > max_lines:
+                    break
             else:
                 line = trial
         lines.append(line)
-    return lines
+        if len(lines) > max_lines:
+            break
+    cut = len(lines) > max_lines or len(shown) < len(text)
+    lines = lines[:max_lines]
+    return [_fit(line, width, font, cut and i == len(lines) - 1) for i, line in enumerate(lines)]
+
+
+def _fit(line: str, width: int, font, ellipsis: bool) -> str:
+    """``line``, or its longest start that fits ``width`` pixels with an ellipsis after it
+    (when ``ellipsis``, or when the line does not fit)."""
+    if not ellipsis and _text_size(line, font)[0] <= width:
+        return line
+    lo, hi = 0, len(line)  # binary search: the text's width grows with its length
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _text_size(line[:mid].rstrip() + ELLIPSIS, font)[0] <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return line[:lo].rstrip() + ELLIPSIS
 
 
 def stack(grids: Sequence[Image.Image]) -> Image.Image:

@@ -9,6 +9,9 @@ learning rates and settings.
     train: {max_steps: 800, lora: {rank: 8}}   # any setting (config.settings), flat or sectioned
     evaluation: {prompts: [...], seeds: [...]} # sai-eval's
 
+A prompt (``validation_prompts``, ``caption_template``, ``evaluation.prompts``) names the
+concept as ``{token}``, its only placeholder (``check_prompt``).
+
 Plain Python and YAML (no torch).
 """
 
@@ -20,13 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .._resources import configs_dir
 from ..errors import UserError
 from ..optim.names import OPTIMIZERS
-from .loading import closest, load_yaml, yaml_problem
-from .settings import TrainConfig, apply_overrides
+from .loading import clip, closest, read_yaml_file, short
+from .settings import SEED_LIMIT, TrainConfig, apply_overrides
 
 # a word's initialiser that is a random vector, N(0, S^2) per entry (Mix-of-Show's notation)
 _RANDOM_INIT = re.compile(r"^<rand-([0-9]*\.?[0-9]+(?:[eE]-?[0-9]+)?)>$")
@@ -36,6 +37,35 @@ def random_init_std(initialiser: str) -> float | None:
     """S of ``<rand-S>``, or None for a plain word."""
     match = _RANDOM_INIT.match(initialiser)
     return float(match.group(1)) if match else None
+
+
+TOKEN_FIELD = "{token}"  # where a prompt says the concept's words
+
+
+def _prompt_problem(prompt: str) -> str | None:
+    """What is wrong with a prompt's braces (None: nothing): a placeholder other than
+    ``{token}``, or a brace that opens or closes none."""
+    rest = prompt.replace(TOKEN_FIELD, "")
+    field = re.search(r"\{[^{}]*\}", rest)
+    if field:
+        return f"has the placeholder {clip(field.group(), 40)}"
+    stray = next((c for c in rest if c in "{}"), None)
+    return f"has a stray {stray!r}" if stray else None
+
+
+def check_prompt(prompt: str, where: str) -> None:
+    """Refuse a prompt whose braces are not all ``{token}`` (``str.format`` would fail on it, or
+    fill it in wrongly, when samples are drawn after training).
+
+    Raises:
+        UserError: ``where``, the prompt and the placeholder or brace at fault.
+    """
+    problem = _prompt_problem(prompt)
+    if problem:
+        raise UserError(
+            f"{where} {short(prompt)} {problem}; write the concept as {TOKEN_FIELD}, the only "
+            f"placeholder (e.g. 'a photo of {TOKEN_FIELD}')"
+        )
 
 
 @dataclass
@@ -90,6 +120,20 @@ class Concept:
     def prompts(self) -> list[str]:
         return [p.format(token=self.text) for p in self.validation_prompts]
 
+    def check_prompts(self, where: str | None = None) -> None:
+        """``check_prompt`` on every prompt of the concept; messages start with ``where``
+        (default: the YAML's path).
+
+        Raises:
+            UserError: naming the prompt (``validation_prompts[1]``) and what is wrong in it.
+        """
+        where = where or str(self.path)
+        check_prompt(self.caption_template, f"{where}: caption_template")
+        for i, prompt in enumerate(self.validation_prompts):
+            check_prompt(prompt, f"{where}: validation_prompts[{i}]")
+        for i, prompt in enumerate((self.evaluation or {}).get("prompts", [])):
+            check_prompt(prompt, f"{where}: evaluation.prompts[{i}]")
+
     def folder(self, value: str) -> Path:
         """A folder a setting names (validation_data, class_data): absolute as given; relative
         to this YAML's folder when it exists there, else to the working directory."""
@@ -113,14 +157,14 @@ def find_concept(name_or_path: str) -> Path:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise UserError(
-                f"concept file {path} does not exist; pass a YAML file or one of: "
+                f"concept file {clip(str(path), 200)} does not exist; pass a YAML file or one of: "
                 f"{', '.join(available_concepts()) or '(none shipped)'}"
             )
         return path
     shipped = concepts_dir() / f"{name_or_path}.yaml"
     if not shipped.is_file():
         raise UserError(
-            f"no concept named '{name_or_path}'{closest(name_or_path, available_concepts())}; "
+            f"no concept named {short(name_or_path)}{closest(name_or_path, available_concepts())}; "
             f"shipped concepts: {', '.join(available_concepts())}, or pass a path to your own "
             "YAML (token, class_word, data)"
         )
@@ -132,17 +176,21 @@ def available_concepts() -> list[str]:
 
 
 def load_concept(name_or_path: str) -> Concept:
-    """Read and check a concept YAML. ``data`` is relative to the YAML file."""
+    """Read and check a concept YAML (``loading.read_yaml_file``'s bounds, then every key and
+    prompt). ``data`` is relative to the YAML file.
+
+    Raises:
+        UserError: naming the file and the key, prompt or value at fault.
+    """
     path = find_concept(name_or_path)
-    try:
-        raw = load_yaml(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
+    raw = read_yaml_file(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping with token, class_word and data")
     for key in raw:
         if key not in _CONCEPT_KEYS:
-            raise UserError(f"{path}: unknown key '{key}'{closest(key, _CONCEPT_KEYS)}")
+            raise UserError(
+                f"{path}: unknown key {short(str(key))}{closest(str(key), _CONCEPT_KEYS)}"
+            )
     for key in ("token", "class_word", "data"):
         if not raw.get(key) or not isinstance(raw[key], str):
             raise UserError(f"{path}: '{key}' is required and must be a string")
@@ -150,24 +198,29 @@ def load_concept(name_or_path: str) -> Concept:
     prompts = raw.get("validation_prompts", ["a photo of {token}"])
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise UserError(f"{path}: validation_prompts must be a list of strings")
+    template = raw.get("caption_template", "a photo of {token}")
+    if not isinstance(template, str):
+        raise UserError(f"{path}: caption_template must be a string, e.g. 'a photo of {{token}}'")
     lr = _check_lr(raw.get("lr", {}) or {}, path)
     train = raw.get("train", {}) or {}
     if not isinstance(train, dict):
         raise UserError(f"{path}: 'train' must be a mapping of settings")
     apply_overrides(TrainConfig(), train, f"{path}: train")  # type-check early
     evaluation = _check_evaluation(raw.get("evaluation"), path)
-    return Concept(
+    concept = Concept(
         name=path.stem,
         path=path.resolve(),
         token=raw["token"],
         class_word=raw["class_word"],
         data=(path.parent / raw["data"]).resolve(),
-        caption_template=raw.get("caption_template", "a photo of {token}"),
+        caption_template=template,
         validation_prompts=prompts,
         lr=lr,
         train=train,
         evaluation=evaluation,
     )
+    concept.check_prompts(str(path))
+    return concept
 
 
 _LR_GROUPS = ("unet", "text_encoder", "embeddings")
@@ -181,17 +234,19 @@ def _check_lr(raw: Any, path: Path) -> dict[str, float | dict[str, float]]:
     out: dict[str, float | dict[str, float]] = {}
     for opt, value in raw.items():
         if opt not in OPTIMIZERS:
-            raise UserError(f"{path}: lr.{opt}: unknown optimizer{closest(opt, OPTIMIZERS)}")
+            raise UserError(
+                f"{path}: lr.{clip(str(opt))}: unknown optimizer{closest(str(opt), OPTIMIZERS)}"
+            )
         groups = value if isinstance(value, dict) else {"unet": value}
         for group, lr in groups.items():
-            where = f"lr.{opt}.{group}" if isinstance(value, dict) else f"lr.{opt}"
+            where = f"lr.{opt}.{clip(str(group))}" if isinstance(value, dict) else f"lr.{opt}"
             if group not in _LR_GROUPS:
                 raise UserError(
-                    f"{path}: {where}: unknown group{closest(group, _LR_GROUPS)}; the groups "
+                    f"{path}: {where}: unknown group{closest(str(group), _LR_GROUPS)}; the groups "
                     f"are {', '.join(_LR_GROUPS)}"
                 )
             if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr <= 10:
-                raise UserError(f"{path}: {where} must be a number in (0, 10], got {lr!r}")
+                raise UserError(f"{path}: {where} must be a number in (0, 10], got {short(lr)}")
         if isinstance(value, dict) and "unet" not in value:
             raise UserError(f"{path}: lr.{opt} needs a unet entry (the run's lr)")
         out[opt] = (
@@ -207,27 +262,28 @@ def _check_words(token: str, class_word: str, path: Path) -> None:
     bad = [w for w in words if not w or any(c.isspace() for c in w)]
     if bad:
         raise UserError(
-            f"{path}: token {token!r} has an empty word or one with spaces; write the words "
+            f"{path}: token {short(token)} has an empty word or one with spaces; write the words "
             "joined by '+', e.g. token: \"<Vpotter1>+<Vpotter2>\""
         )
     if len(set(words)) != len(words):
-        raise UserError(f"{path}: token {token!r} repeats a word; give each word its own name")
+        raise UserError(f"{path}: token {short(token)} repeats a word; give each word its own name")
     if len(inits) != len(words):
         raise UserError(
-            f"{path}: token {token!r} has {len(words)} word(s) but class_word {class_word!r} "
-            f"has {len(inits)} initialiser(s); give one per word joined by '+', e.g. "
+            f"{path}: token {short(token)} has {len(words)} word(s) but class_word "
+            f"{short(class_word)} has {len(inits)} initialiser(s); give one per word joined by "
+            "'+', e.g. "
             'class_word: "<rand-0.013>+man"'
         )
     for init in inits:
         std = random_init_std(init)
         if init.startswith("<rand") and (std is None or not 0 < std <= 1):
             raise UserError(
-                f"{path}: class_word initialiser {init!r} is not <rand-S> with 0 < S <= 1 "
+                f"{path}: class_word initialiser {short(init)} is not <rand-S> with 0 < S <= 1 "
                 "(e.g. <rand-0.013>, a random vector of that standard deviation)"
             )
         if std is None and len(inits) > 1 and (not init or any(c.isspace() for c in init)):
             raise UserError(
-                f"{path}: class_word initialiser {init!r} must be one word (or <rand-S>)"
+                f"{path}: class_word initialiser {short(init)} must be one word (or <rand-S>)"
             )
 
 
@@ -247,9 +303,11 @@ def _check_evaluation(raw: Any, path: Path) -> dict[str, Any] | None:
     allowed = {"object", "prompts", *EVALUATION_DEFAULTS}
     for key in raw:
         if key not in allowed:
-            raise UserError(f"{where}: unknown key '{key}'{closest(key, allowed)}")
+            raise UserError(f"{where}: unknown key {short(str(key))}{closest(str(key), allowed)}")
     if "object" in raw and not (isinstance(raw["object"], str) and raw["object"]):
-        raise UserError(f"{where}.object must be the name of a world object, got {raw['object']!r}")
+        raise UserError(
+            f"{where}.object must be the name of a world object, got {short(raw['object'])}"
+        )
     prompts = raw.get("prompts")
     if (
         not isinstance(prompts, list)
@@ -261,6 +319,10 @@ def _check_evaluation(raw: Any, path: Path) -> dict[str, Any] | None:
     seeds = out["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(type(v) is int for v in seeds):
         raise UserError(f"{where}.seeds must be a non-empty list of integers")
+    bad = next((i for i, v in enumerate(seeds) if not 0 <= v < SEED_LIMIT), None)
+    if bad is not None:
+        raise UserError(f"{where}.seeds[{bad}] is {short(seeds[bad])}; seeds must be in "
+                        "[0, 2**63) (torch.Generator's seeds)")  # fmt: skip
     if type(out["steps"]) is not int or not 1 <= out["steps"] <= 1000:
         raise UserError(f"{where}.steps must be an integer in [1, 1000]")
     if not isinstance(out["guidance"], int | float) or not 0 <= out["guidance"] <= 50:

@@ -10,11 +10,13 @@ A test keeps docs/training.md's copy equal to what this writes.
 from __future__ import annotations
 
 import sys
+import textwrap
 import types
 import typing
 
 from ..fsutil import generated_block_main
-from .settings import SECTIONS, SETTINGS, TrainConfig
+from .loading import MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_VALUES
+from .settings import MAX_STEPS, SECTIONS, SETTINGS, TrainConfig
 
 BEGIN_MARK = "<!-- settings: begin (python -m sai_diffusion.config.reference --write) -->"
 END_MARK = "<!-- settings: end -->"
@@ -59,11 +61,27 @@ def _table(paths: list[str]) -> list[str]:
     return rows
 
 
+def _checks() -> str:
+    """What every run's settings are held to, before a model loads (``settings.validate``,
+    ``loading.load_yaml``)."""
+    return textwrap.fill(
+        "Every setting is checked before a model loads, and a bad one ends the command with exit "
+        "code 2 and one line naming it: numbers are finite and in the range below, step counts "
+        f"and intervals at most {MAX_STEPS:_}, seeds in [0, 2**63), and a prompt names the "
+        "concept as `{token}`, its only placeholder. Concept files, the settings a run folder "
+        f"keeps and `--set` values are YAML of at most {MAX_YAML_BYTES // 1024} KiB in which no "
+        "key is given twice; aliases (`&lr 1e-4` ... `*lr`) are allowed while the document, "
+        f"written out, holds at most {MAX_YAML_VALUES:,} values and {MAX_YAML_DEPTH} levels.",
+        width=96,
+    )
+
+
 def markdown() -> str:
     """The reference, as it stands between the marks in docs/training.md."""
     hints = typing.get_type_hints(TrainConfig)
     top = [p for p in SETTINGS if "." not in p]
-    lines = ["### Run", "", "Top-level settings: `--set max_steps=800`, `max_steps: 800`.", "",
+    lines = [_checks(), "", "### Run", "",
+             "Top-level settings: `--set max_steps=800`, `max_steps: 800`.", "",
              *_table(top)]  # fmt: skip
     for name in SECTIONS:
         cls = hints[name]

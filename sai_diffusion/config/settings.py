@@ -41,7 +41,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..optim.names import OPTIMIZERS
-from .loading import closest
+from .loading import closest, short
 
 # The base model when none is given: the built-in miniature model, the tiny SD-1.5-architecture
 # model pretrained on the procedural world (``_resources.miniature_dir``).
@@ -60,14 +60,32 @@ SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("no", "fp16", "bf16")
 AUGMENTATIONS = ("crop", "resize-crop-pad")
 
+# Step counts and intervals stop here: four months at a step a second, where a LoRA trains for
+# a few thousand. Larger values are typos, and past 2**63 they overflow torch's int64.
+MAX_STEPS = 10_000_000
+# Seeds are in [0, 2**63): a non-negative int64, which every seed path of torch takes (its
+# manual_seed takes [-2**63, 2**64) and wraps, so two written seeds would draw the same noise).
+SEED_LIMIT = 2**63
+
 
 # ------------------------------------------------------------------------- declarations
 @dataclass(frozen=True)
 class Rule:
-    """A range check: ``ok(value)`` for a non-empty value, said as ``text`` when it fails."""
+    """A range check: ``ok(value)`` for a non-empty value (with ``each``: for each item of a
+    list), said as ``text`` when it fails."""
 
     ok: Callable[[Any], bool]
     text: str
+    each: bool = False
+
+
+def _finite(v: float) -> bool:
+    """Not nan or ±inf; an int always is (math.isfinite would overflow on 10**400)."""
+    return isinstance(v, int) or math.isfinite(v)
+
+
+def _number(x: float) -> str:
+    return f"{x:_}" if isinstance(x, int) and abs(x) >= 100_000 else f"{x:g}"
 
 
 def within(low: float, high: float, *, low_open: bool = False, high_open: bool = False,
@@ -77,18 +95,30 @@ def within(low: float, high: float, *, low_open: bool = False, high_open: bool =
     def ok(v: float) -> bool:
         above = v > low if low_open else v >= low
         below = v < high if high_open else v <= high
-        return math.isfinite(v) and above and below
+        return _finite(v) and above and below
 
-    text = f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    text = (f"must be in {'(' if low_open else '['}{_number(low)}, {_number(high)}"
+            f"{')' if high_open else ']'}")  # fmt: skip
     return Rule(ok, text + (f" ({note})" if note else ""))
 
 
 def at_least(low: float, *, note: str = "") -> Rule:
-    return Rule(lambda v: math.isfinite(v) and v >= low,
-                f"must be >= {low:g}" + (f" ({note})" if note else ""))  # fmt: skip
+    """A finite number >= low (for floats: a setting with no upper bound that nan or inf
+    would break)."""
+    return Rule(lambda v: _finite(v) and v >= low,
+                f"must be a finite number >= {low:g}" + (f" ({note})" if note else ""))  # fmt: skip
 
 
-POSITIVE = Rule(lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
+POSITIVE = Rule(lambda v: _finite(v) and v > 0, "must be a finite number > 0")
+STEPS = within(1, MAX_STEPS)
+SEED = Rule(lambda v: 0 <= v < SEED_LIMIT, "must be in [0, 2**63) (torch.Generator's seeds)")
+SEEDS = Rule(SEED.ok, "must be integers in [0, 2**63) (torch.Generator's seeds)", each=True)
+
+
+def interval(*, note: str = "") -> Rule:
+    """Steps between two events: at most MAX_STEPS; 0 allowed only where ``note`` says what it
+    means."""
+    return within(0 if note else 1, MAX_STEPS, note=note)
 
 
 def setting(default: Any = dataclasses.MISSING, doc: str = "", *, flat: str | None = None,
@@ -158,7 +188,7 @@ class Optimizer:
                                    rule=at_least(0, note="0: off"))  # fmt: skip
     schedule: str = setting("constant", "the lr schedule: constant, linear or cosine (to 0 at "
                             "max_steps)", flat="lr_scheduler", choices=SCHEDULES)  # fmt: skip
-    warmup_steps: int = setting(0, "linear warm-up steps", rule=at_least(0))
+    warmup_steps: int = setting(0, "linear warm-up steps", rule=interval(note="0: none"))
 
 
 @dataclass
@@ -289,11 +319,12 @@ class Validation:
     data: str | None = setting(None, "a folder of held-out images (relative: to the concept "
                                "YAML, else the cwd)", flat="validation_data")  # fmt: skip
     loss_every: int = setting(50, "steps between validation losses",
-                              flat="validation_loss_every", rule=at_least(1))  # fmt: skip
+                              flat="validation_loss_every", rule=interval())  # fmt: skip
     samples_every: int = setting(0, "steps between validation samples (0: only at the end)",
-                                 flat="validation_every", rule=at_least(0))  # fmt: skip
+                                 flat="validation_every",
+                                 rule=interval(note="0: only at the end"))  # fmt: skip
     seeds: list[int] = setting(doc="seeds of the validation samples", flat="validation_seeds",
-                               factory=lambda: [1, 2])  # fmt: skip
+                               factory=lambda: [1, 2], rule=SEEDS)  # fmt: skip
 
 
 @dataclass
@@ -312,8 +343,8 @@ class Checkpoints:
     """How often a run is saved for resuming, and how many saves are kept."""
 
     every: int = setting(250, "steps between checkpoints (0: only at the end)",
-                         flat="checkpoint_every", rule=at_least(0, note="0: only at the end"))  # fmt: skip
-    keep: int = setting(2, "checkpoints kept", flat="keep_checkpoints", rule=at_least(1))
+                         flat="checkpoint_every", rule=interval(note="0: only at the end"))  # fmt: skip
+    keep: int = setting(2, "checkpoints kept", flat="keep_checkpoints", rule=STEPS)
 
 
 @dataclass
@@ -328,8 +359,8 @@ class Ema:
 class TrainConfig:
     """Every setting of a training run; run.yaml stores the resolved instance, in sections."""
 
-    seed: int = setting(0, "the run's seed: every random draw derives from it")
-    max_steps: int = setting(500, "optimizer steps", rule=at_least(1))
+    seed: int = setting(0, "the run's seed: every random draw derives from it", rule=SEED)
+    max_steps: int = setting(500, "optimizer steps", rule=STEPS)
     batch_size: int = setting(1, "examples per micro-batch and process", rule=within(1, 1024))
     grad_accum: int = setting(1, "micro-batches per optimizer step", rule=within(1, 1024))
     resolution: int | None = setting(
@@ -338,7 +369,7 @@ class TrainConfig:
         rule=Rule(lambda v: v % 8 == 0 and 8 <= v <= 4096, "must be a multiple of 8 in "
                   "[8, 4096]"))  # fmt: skip
     log_every: int = setting(
-        1, "steps between two records of the loss, lr and time", rule=at_least(1)
+        1, "steps between two records of the loss, lr and time", rule=interval()
     )
     base: BaseModel = section(BaseModel)
     optimizer: Optimizer = section(Optimizer)
@@ -460,22 +491,23 @@ def describe(path: str) -> str:
     return path if flat == path else f"{path} ({flat})"
 
 
-def _short(value: Any) -> str:
-    """A value as an error message quotes it: at most 60 characters."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _check_ranges(cfg: TrainConfig, where: str) -> None:
     for path, info in SETTINGS.items():
-        value = cfg.get(path)
+        value, rule = cfg.get(path), info.rule
         if info.choices is not None and value not in info.choices:
             raise UserError(
                 f"{where}: {describe(path)} must be one of {', '.join(info.choices)}, got "
-                f"{_short(value)}{closest(str(value), info.choices)}"
+                f"{short(value)}{closest(str(value), info.choices)}"
             )
-        if info.rule is not None and value is not None and not info.rule.ok(value):
-            raise UserError(f"{where}: {describe(path)} {info.rule.text}, got {_short(value)}")
+        if rule is None or value is None:
+            continue
+        if rule.each:
+            bad = next((i for i, v in enumerate(value) if not rule.ok(v)), None)
+            if bad is not None:
+                raise UserError(f"{where}: {describe(path)} {rule.text}; "
+                                f"{info.flat}[{bad}] is {short(value[bad])}")  # fmt: skip
+        elif not rule.ok(value):
+            raise UserError(f"{where}: {describe(path)} {rule.text}, got {short(value)}")
 
 
 def _check_rules(cfg: TrainConfig, where: str) -> None:
@@ -513,12 +545,14 @@ def _check_rules(cfg: TrainConfig, where: str) -> None:
             "which compute.gradient_checkpointing discards; set gradient_checkpointing=false or "
             "attn_reg_weight=0"
         )
-    prompt = cfg.prior.class_prompt
-    if prompt and ("{" in prompt or "}" in prompt):
-        raise UserError(
-            f"{where}: prior.class_prompt {_short(prompt)} holds braces; it is a plain prompt "
-            "(e.g. 'a photo of a man'), used as the class images' caption as it is"
-        )
+    for path, example in (("prior.class_prompt", "a photo of a man"),
+                          ("sampling.negative_prompt", "blurry, low quality")):  # fmt: skip
+        prompt = cfg.get(path)
+        if prompt and ("{" in prompt or "}" in prompt):
+            raise UserError(
+                f"{where}: {path} {short(prompt)} holds braces; it is a plain prompt (e.g. "
+                f"{example!r}), used as it is"
+            )
 
 
 def _check_class_words(concept) -> None:
@@ -526,7 +560,7 @@ def _check_class_words(concept) -> None:
     if not concept.plain_initialisers:
         raise UserError(
             f"{concept.path}: prior preservation needs a class prompt, and class_word "
-            f"{concept.class_word!r} names no class; set class_prompt (e.g. "
+            f"{short(concept.class_word)} names no class; set class_prompt (e.g. "
             "class_prompt='a photo of a man')"
         )
 
@@ -582,7 +616,7 @@ class Inert:
 
     def message(self, where: str, *, refused: bool = False) -> str:
         said = (
-            f"{where}: {describe(self.path)} = {_short(self.value)} acts only with "
+            f"{where}: {describe(self.path)} = {short(self.value)} acts only with "
             f"{self.needs}, and this run has {self.decided_by}"
         )
         if refused:
@@ -603,20 +637,21 @@ def inert_settings(cfg: TrainConfig, concept=None, *, given: frozenset[str] = fr
         plain = bool(concept.plain_initialisers)
         rules.append(("embeddings.init_noise_std", lambda c: plain,
                       "a concept word initialised from a plain word",
-                      f"class_word {concept.class_word!r}"))  # fmt: skip
+                      f"class_word {short(concept.class_word)}"))  # fmt: skip
     for path, acts, needs, decider in rules:
         if acts(cfg):
             continue
         value = cfg.get(path)
         if path in given or value != SETTINGS[path].default:
-            decided = decider if decider not in SETTINGS else f"{decider} {cfg.get(decider)!r}"
+            decided = decider if decider not in SETTINGS else f"{decider} {short(cfg.get(decider))}"
             found.append(Inert(path, needs, decided, value))
     return found
 
 
 def validate(cfg: TrainConfig, where: str = "settings", *,
              given: frozenset[str] | set[str] = frozenset(), concept=None) -> TrainConfig:  # fmt: skip
-    """Check every setting's range, the rules between settings, and refuse a setting in
+    """Check every setting's range, the rules between settings, the concept's prompts (with
+    ``concept``), and refuse a setting in
     ``given`` (set explicitly) that cannot act given the others (``inert_settings``; those set
     elsewhere are for the caller to warn about). Returns ``cfg``.
 
@@ -625,6 +660,8 @@ def validate(cfg: TrainConfig, where: str = "settings", *,
     """
     _check_ranges(cfg, where)
     _check_rules(cfg, where)
+    if concept is not None:
+        concept.check_prompts()
     if concept is not None and cfg.uses_prior and not cfg.prior.class_prompt:
         _check_class_words(concept)
     for inert in inert_settings(cfg, concept, given=frozenset(given)):
@@ -658,18 +695,19 @@ def setting_paths(values: dict[str, Any], where: str) -> dict[str, Any]:
         elif key in _SECTION_NAMES:
             keys = ", ".join(p for p in SETTINGS if p.startswith(key + "."))
             raise UserError(
-                f"{where}: '{key}' is a section of settings ({keys}); give a mapping "
+                f"{where}: {short(key)} is a section of settings ({keys}); give a mapping "
                 f"({key}: {{...}}) or one setting as {key}.KEY=value"
             )
         else:
             names = [*FLAT, *SETTINGS]
-            raise UserError(f"{where}: unknown setting '{key}'{closest(key, names)}")
+            raise UserError(f"{where}: unknown setting {short(key)}{closest(key, names)}")
     return out
 
 
 def coerce(path: str, value: Any, where: str) -> Any:
     """Check ``value`` against the declared type of setting ``path`` (YAML 1.1 words such as
-    ``on`` / ``off`` are read as booleans)."""
+    ``on`` / ``off`` are read as booleans). Its range is ``validate``'s: an integer of any size
+    passes here, and every number setting has a rule that bounds it."""
     hint = SETTINGS[path].type
     args = typing.get_args(hint)
     optional = isinstance(hint, types.UnionType) and type(None) in args
@@ -690,13 +728,10 @@ def coerce(path: str, value: Any, where: str) -> Any:
         return _scalar(base, value)
     except (TypeError, ValueError, OverflowError):
         name = getattr(base, "__name__", base)
-        raise UserError(
-            f"{where}: '{describe(path)}' must be {name}, got {_short(value)}"
-        ) from None
+        raise UserError(f"{where}: '{describe(path)}' must be {name}, got {short(value)}") from None
 
 
 _TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-_INT_LIMIT = 2**63  # torch seeds and counters are 64-bit
 
 
 def _scalar(kind: type, value: Any) -> Any:
@@ -709,10 +744,7 @@ def _scalar(kind: type, value: Any) -> Any:
     if kind is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise TypeError
-        number = int(value)
-        if not -_INT_LIMIT <= number < _INT_LIMIT:
-            raise ValueError
-        return number
+        return int(value)  # its range is its rule's (every int setting has one)
     if kind is float:
         if isinstance(value, bool):
             raise TypeError

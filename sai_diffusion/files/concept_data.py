@@ -16,6 +16,8 @@ decode them again as training reads them (EXIF orientation applied, transparency
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,3 +283,39 @@ def image_sizes(examples: list[Example]) -> list[tuple[int, int]]:
         with Image.open(example.image_path) as image:
             sizes.append(_oriented_size(image))
     return sizes
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def data_fingerprint(examples: Sequence[Example], root: Path) -> dict[str, str]:
+    """``{file: digest}`` of the concept's training data as a run starts: each image's and
+    mask's bytes (sha256, 16 hex digits) by its path under ``root``, and each caption's text,
+    by the image's path + ``#caption``. A resumed run compares it with the folder as it is
+    now (``changed_data``)."""
+    out = {}
+    for example in examples:
+        for path in (example.image_path, example.mask_path):
+            if path is not None:
+                out[_relative(path, root)] = _digest(Path(path).read_bytes())
+        out[_relative(example.image_path, root) + "#caption"] = _digest(example.caption.encode())
+    return out
+
+
+def changed_data(before: dict[str, str], now: dict[str, str]) -> list[str]:
+    """What differs between two ``data_fingerprint``: "changed X", "added X", "removed X"."""
+    changed = [f"changed {k}" for k in before if k in now and now[k] != before[k]]
+    added = [f"added {k}" for k in now if k not in before]
+    removed = [f"removed {k}" for k in before if k not in now]
+    return changed + added + removed
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]

@@ -149,15 +149,25 @@ def mix_of_show_params(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
                 "embeddings Mix-of-Show expects is unknown; export an ED-LoRA run instead"
             )
         vectors = read_embeddings(run.path)
+        if not vectors:  # every run writes its words; without them the export lacks the concept
+            raise UserError(f"{run.embeddings} not found: it holds the run's words ({run.path} "
+                            "is incomplete); restore the file or train the run again")  # fmt: skip
         embeddings = {w: v.reshape(1, -1).repeat(len(attn2), 1) for w, v in vectors.items()}
     return {"new_concept_embedding": embeddings, **parts}
 
 
-def export_mix_of_show(run_dir: Path, out: Path) -> Path:
+def export_mix_of_show(run_dir: Path, out: Path, *, overwrite: bool = False) -> Path:
     """Write ``{'params': mix_of_show_params(run_dir)}`` with torch.save (Mix-of-Show's
     ``edlora_model-latest.pth`` layout), atomically. Mix-of-Show's loaders assume SD 1.5's 16
     cross-attention layers and words written ``<...>``: a run of another shape is written all
-    the same (for other readers) with a warning on stderr."""
+    the same (for other readers) with a warning on stderr.
+
+    Raises:
+        UserError: see ``mix_of_show_params``; ``out`` is a folder, a file inside the run
+            folder (never replaced), or an existing file without ``overwrite``.
+    """
+    out = Path(out)
+    _check_out(RunDir(run_dir), out, overwrite=overwrite)
     params = mix_of_show_params(run_dir)
     for word, rows in params["new_concept_embedding"].items():
         if rows.shape[0] != 16 or not (word.startswith("<") and word.endswith(">")):
@@ -166,8 +176,22 @@ def export_mix_of_show(run_dir: Path, out: Path) -> Path:
                 "16 per word (SD 1.5) and words written <...>",
                 file=sys.stderr,
             )
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         torch.save({"params": params}, tmp)
     return out
+
+
+def _check_out(run: RunDir, out: Path, *, overwrite: bool) -> None:
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the name of the file to write")
+    if not out.exists():
+        return
+    if out.resolve().is_relative_to(run.path.resolve()):  # RUN/../RUN/lora.safetensors too
+        name = run.path.resolve().name
+        raise UserError(
+            f"--out {out} is inside the run folder {run.path}, and sai-export never replaces a "
+            f"run's files; write the export elsewhere, e.g. --out {name}.pth"
+        )
+    if not overwrite:
+        raise UserError(f"--out {out} exists; pass --force to replace it, or give a new name")

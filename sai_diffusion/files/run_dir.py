@@ -39,7 +39,8 @@ from typing import Any
 import yaml
 from safetensors import safe_open
 
-from ..config import Concept, TrainConfig, apply_overrides, load_yaml, yaml_problem
+from ..config import Concept, TrainConfig, apply_overrides, yaml_problem
+from ..config.loading import read_yaml_file
 from ..config.settings import flat_settings
 from ..errors import UserError
 from ..fsutil import atomic_write_text, naming, write_json
@@ -203,7 +204,7 @@ class RunDir:
                 "sai-train-lora wrote"
             )
         try:
-            data = load_yaml(self.run_yaml.read_text(encoding="utf-8"))
+            data = read_yaml_file(self.run_yaml)  # bounded, UTF-8 checked, one UserError
             saved = {k: v for k, v in data["config"].items() if k not in _RETIRED_SETTINGS}
             if flat_settings(saved):  # written before sections existed
                 saved.setdefault("sai_eps", 1e-8)  # and before sai_eps existed: 1e-8 then

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors
 import torch
 
 from ..errors import UserError, first_line
@@ -43,6 +44,7 @@ from .family import family_of
 from .tokens import set_token_embeddings
 
 BASE_NAME = "base"  # no run may be called so: the base model's name where runs are named
+RESTORE = "train the run again or restore the file"  # the fix for a run file that is damaged
 
 
 @dataclass
@@ -64,9 +66,52 @@ class RunFiles:
 
     @classmethod
     def read(cls, run_dir: Path) -> RunFiles:
-        """Raises UserError for an unreadable embeddings or edlora file."""
+        """Raises UserError for a missing or unreadable embeddings or edlora file."""
         run = RunDir(run_dir)
+        if (
+            run.is_run
+            and run.is_finished
+            and not run.embeddings.is_file()
+            and not run.edlora.is_file()
+        ):
+            # every run writes its words' vectors; without them its images lack the concept
+            edlora_run = run.is_run and run.read_config()[0].embeddings.edlora
+            missing = run.edlora if edlora_run else run.embeddings
+            raise UserError(f"{missing} not found: it holds the vectors of the run's words, "
+                            f"without which its images lack the concept; {RESTORE}")  # fmt: skip
         return cls(run, read_embeddings(run.path), read_edlora(run.path))
+
+
+def check_lora_file(path: Path) -> None:
+    """A run's LoRA file, read as far as its header: whole, and every module's two factors
+    there, of one rank (down (r, in, ...), up (out, r, ...)). What only the model can tell (a
+    factor of the wrong width) is ``add_run_adapter``'s to find.
+
+    Raises:
+        UserError: a file cut short or unreadable, a factor without its pair, or a pair whose
+            ranks differ.
+    """
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            keys = f.keys()  # safe_open has no __iter__
+            shapes = {key: f.get_slice(key).get_shape() for key in keys}
+    except (safetensors.SafetensorError, OSError) as e:
+        raise UserError(
+            f"{path} is not a readable LoRA file ({first_line(e)}); {RESTORE}"
+        ) from None
+    pairs: dict[str, dict[str, list[int]]] = {}
+    for key, shape in shapes.items():
+        for side in ("down", "up"):
+            if key.endswith(f".{side}.weight"):
+                pairs.setdefault(key[: -len(f".{side}.weight")], {})[side] = shape
+    for module, pair in pairs.items():
+        if len(pair) < 2:  # peft would leave the other one empty and fail when it is used
+            (has,) = pair
+            raise UserError(f"{path}: {module} has its {has} factor but not its "
+                            f"{'up' if has == 'down' else 'down'} one; {RESTORE}")  # fmt: skip
+        if pair["down"][0] != pair["up"][1]:
+            raise UserError(f"{path}: the factors of {module} do not fit together (down "
+                            f"{tuple(pair['down'])}, up {tuple(pair['up'])}); {RESTORE}")  # fmt: skip
 
 
 def add_run_words(pipe, run: Path | RunFiles) -> RunWords:
@@ -89,11 +134,13 @@ def add_run_adapter(pipe, run_dir: Path, adapter: str) -> None:
     magnitudes restored: diffusers 0.42 leaves them at their initial values).
 
     Raises:
-        UserError: no lora.safetensors, or one that does not load onto this model.
+        UserError: no lora.safetensors, a damaged one (``check_lora_file``), or one that does
+            not load onto this model.
     """
     lora = RunDir(run_dir).lora
     if not lora.is_file():
         raise UserError(f"{lora} not found: is {run_dir} a finished sai-train-lora run folder?")
+    check_lora_file(lora)
     # Several adapters per model are the point here, and a run without text-encoder LoRA
     # is normal: silence the warnings diffusers and peft give for both.
     lora_log = logging.getLogger("diffusers.loaders.lora_base")
@@ -108,11 +155,21 @@ def add_run_adapter(pipe, run_dir: Path, adapter: str) -> None:
                 restore_text_encoder_magnitudes(getattr(pipe, part), lora, adapter, part=part)
     except Exception as e:  # diffusers/peft raise ValueError, KeyError, OSError, ...
         raise UserError(
-            f"Could not load {lora} onto this base model: {first_line(e)}. Is it a finished "
-            "sai-train-lora run of this base model?"
+            f"Could not load {lora} onto this base model ({_misfit(e, adapter)}): the file was "
+            f"changed or is of another base model; {RESTORE}"
         ) from e
     finally:
         lora_log.setLevel(level)
+
+
+def _misfit(error: Exception, adapter: str) -> str:
+    """What did not load: the first size mismatch of a state-dict error (whose first line
+    names only the model), else the error's first line."""
+    found = re.search(r"size mismatch for (\S+): .*?(\[[\d, ]*\]).*?(\[[\d, ]*\])", str(error))
+    if found is None:
+        return first_line(error)
+    name, theirs, ours = found.groups()
+    return f"{name.replace(f'.{adapter}', '')} is {theirs} in the file, {ours} in the model"
 
 
 def load_run(pipe, run_dir: Path, *, adapter: str = "run", weight: float = 1.0) -> RunWords:
@@ -156,6 +213,8 @@ class RunModels:
         self._lock = threading.Lock()
         # files first: a bad one fails before the model loads
         files = {r.name: RunFiles.read(r.path) for r in self.runs}
+        for run in self.runs:
+            check_lora_file(run.files.lora)
         cfg, _, _ = _base_source(self.runs).files.read_config()
         base = load_base(cfg)
         self.family = family_of(base)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import shutil
 import sys
 from collections.abc import Mapping
@@ -37,6 +38,11 @@ class TrainingState:
     scaler: torch.amp.GradScaler | None  # fp16 only
 
 
+# how torch.save's zip writer reports a write that failed (disk full: "file write failed", or
+# at 4 KB free "[enforce fail at inline_container.cc:...] unexpected pos ...")
+_WRITE_FAILURE = re.compile(r"PytorchStreamWriter|inline_container|unexpected pos")
+
+
 def save_checkpoint(run_dir: RunDir, step: int, state: TrainingState, *, keep: int) -> Checkpoint:
     """Write ``checkpoints/step-NNNNNN/`` under a temporary name, rename it when complete, and
     keep only the newest ``keep`` checkpoints.
@@ -59,7 +65,7 @@ def save_checkpoint(run_dir: RunDir, step: int, state: TrainingState, *, keep: i
                 torch.save(state.scaler.state_dict(), staged.scaler)
             staged.write_state(step)  # last: a folder with state.json is a complete checkpoint
     except (OSError, RuntimeError, SafetensorError) as exc:
-        if isinstance(exc, RuntimeError) and "PytorchStreamWriter" not in str(exc):
+        if isinstance(exc, RuntimeError) and not _WRITE_FAILURE.search(str(exc)):
             raise  # torch.save reports a failed write so; any other RuntimeError is a bug
         previous = run_dir.latest_checkpoint()
         kept = f"; {previous[1].path} is intact" if previous else ""
@@ -75,7 +81,8 @@ def save_checkpoint(run_dir: RunDir, step: int, state: TrainingState, *, keep: i
 
 
 def load_latest_checkpoint(run_dir: RunDir, state: TrainingState) -> int:
-    """Restore ``state`` from the newest complete checkpoint that reads back; return its step.
+    """Restore ``state`` from the newest complete checkpoint that reads back; return its step
+    (0, ``state`` untouched, when the run has no checkpoint yet: it was stopped before one).
 
     A checkpoint whose files are truncated or corrupt is skipped with a warning naming it, and
     the next older one is tried; once one restores, the skipped ones are set aside as
@@ -83,7 +90,8 @@ def load_latest_checkpoint(run_dir: RunDir, state: TrainingState) -> int:
     never keep one in place of a good one). When none restores, nothing is moved.
 
     Raises:
-        UserError: no complete readable checkpoint, or one whose tensors are not this run's.
+        UserError: checkpoints none of which reads back, or one whose tensors are not this
+            run's.
     """
     skipped: list[Checkpoint] = []
     for step, checkpoint in run_dir.complete_checkpoints():
@@ -104,10 +112,12 @@ def load_latest_checkpoint(run_dir: RunDir, state: TrainingState) -> int:
                 os.replace(bad.path, aside)
                 print(f"note: {bad.path} set aside as {aside.name}", file=sys.stderr)
         return step
-    unreadable = f" (unreadable: {', '.join(c.path.name for c in skipped)})" if skipped else ""
+    if not skipped:  # stopped before its first checkpoint: the run starts again from step 0
+        return 0
+    unreadable = ", ".join(c.path.name for c in skipped)
     raise UserError(
-        f"{run_dir.checkpoints_dir} has no complete checkpoint to resume from{unreadable}; "
-        "start a new run instead"
+        f"{run_dir.checkpoints_dir} has no complete checkpoint to resume from (unreadable: "
+        f"{unreadable}); start a new run instead"
     )
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from ..config import Concept, TrainConfig
+from ..errors import first_line
 from ..files.lora_files import FileKeys, save_embeddings, save_lora
 from ..files.mix_of_show import save_edlora
 from ..files.run_dir import RunDir
@@ -45,11 +48,28 @@ class MetricsLog:
                 self.writer = SummaryWriter(str(run_dir.tensorboard))
 
     def __enter__(self) -> MetricsLog:
+        # TensorBoard writes from a thread of its own; a failed write there (a full disk) must
+        # not print a traceback beside the run's one-line error: one warning, then quiet
+        self._hook, self._warned = threading.excepthook, False
+        threading.excepthook = self._background_failure
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        try:
+            if self.writer is not None:
+                with contextlib.suppress(OSError):  # the same full disk, at the final flush
+                    self.writer.close()
+        finally:
+            threading.excepthook = self._hook
+
+    def _background_failure(self, args) -> None:
+        if args.exc_type is SystemExit:
+            return
+        if not self._warned:
+            self._warned = True
+            print(f"warning: the TensorBoard log of {self.run_dir.path} stopped "
+                  f"({first_line(args.exc_value)}); {self.run_dir.metrics.name} goes on",
+                  file=sys.stderr)  # fmt: skip
 
     def write(self, record: dict) -> None:
         if not self.enabled:

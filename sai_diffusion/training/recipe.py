@@ -18,6 +18,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import shlex
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +35,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import BUILTIN_BASE_MODEL, Concept, TrainConfig, inert_settings, validate
-from ..errors import TrainingDiverged, UserError, first_line
-from ..files.concept_data import Example, discover_examples
+from ..errors import Interrupted, TrainingDiverged, UserError, first_line
+from ..files.concept_data import Example, changed_data, data_fingerprint, discover_examples
 from ..files.lora_files import FileKeys
 from ..files.run_dir import FINAL_SAMPLES, RunDir, step_tag
+from ..files.run_lock import LOCK_NAME, hold_run_folder
 from ..machine import peak_memory_mb, reset_peak_memory
 from ..models.base import describe_base, load_base, model_fingerprint, prediction_note
 from ..models.family import FAMILIES, StableDiffusion, family_of
@@ -49,6 +54,7 @@ from .buckets import bucket_schedule, bucket_sizes
 from .checkpoints import TrainingState, restore_latest, save_checkpoint
 from .held_out import HeldOut, split_examples
 from .inputs import InputBuilder, LatentCache, cached_crops_note, encode_fixed
+from .interrupts import StopRequests
 from .objective import Objective
 from .outputs import EMA, MetricsLog, Trained, check_scales_agree, metadata, write_outputs
 from .schedule import build_lr_scheduler
@@ -213,18 +219,20 @@ def _sizes(cfg: TrainConfig, examples: list[Example]) -> list[tuple[int, int]] |
 
 
 def _setup_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's accelerator, its mixed precision real on the CPU too: accelerate gives fp16 on
+    the CPU neither autocast nor loss scaling (it would train fp32 while run.yaml says fp16),
+    so the CUDA path is set up by hand there, autocast in float16 and a CPU GradScaler."""
     # accelerate keeps one global state per process; a second run in the same process (tests,
     # the app) may want another precision. The distributed part (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    # run.yaml keeps what was asked; this is what runs
     precision = cfg.compute.mixed_precision
-    cpu_only = precision == "fp16" and not torch.cuda.is_available()
     accelerator = Accelerator(
-        mixed_precision="no" if cpu_only else precision,
+        mixed_precision=precision,
         cpu=not torch.cuda.is_available(),  # also what makes N CPU processes use gloo
     )
-    if cpu_only:
-        accelerator.print("note: fp16 needs a GPU; training in fp32 on the CPU")
+    if precision == "fp16" and accelerator.device.type == "cpu":
+        accelerator.native_amp = True  # autocast() now gives torch.autocast("cpu", float16)
+        accelerator.scaler = torch.amp.GradScaler("cpu")  # prepare() wraps the optimizer with it
     return accelerator
 
 
@@ -368,40 +376,87 @@ def train(run: Run) -> None:
 
     Raises:
         TrainingDiverged: the loss became NaN or inf (the last good checkpoint is kept).
+        Interrupted: SIGINT or SIGTERM: after the step in flight, with a checkpoint of it; a
+            second one at once, with the last complete checkpoint (``training.interrupts``).
     """
     cfg, acc = run.cfg, run.accelerator
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc=f"{cfg.optimizer.name} lr={run.lr:g}",
                unit="step", disable=not acc.is_local_main_process, dynamic_ncols=True)  # fmt: skip
     # the bar and the log close however the loop ends: an error is the last line people see
-    with bar, MetricsLog(run.run_dir, enabled=acc.is_main_process) as log:
-        while run.step < cfg.max_steps:
-            start = time.perf_counter()
-            loss = train_step(run)
-            record = _record(run, loss, time.perf_counter() - start)
-            last = run.step == cfg.max_steps
-            if run.held_out and (run.step % cfg.validation.loss_every == 0 or last):
-                record["val_loss"] = validation_loss(run)
-            if run.step % cfg.log_every == 0 or last or "val_loss" in record:
-                log.write(record)
-            shown = {"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}
-            bar.set_postfix(loss=f"{loss:.4f}", **shown)
-            bar.update(1)
-            every = cfg.validation.samples_every
-            if every and run.step % every == 0 and not last:  # the last step: samples/final
-                validate_samples(run)
-            if cfg.checkpoints.every and run.step % cfg.checkpoints.every == 0:
-                checkpoint(run)
+    with bar, MetricsLog(run.run_dir, enabled=acc.is_main_process) as log, StopRequests() as stops:
+        try:
+            _loop(run, bar, log, stops)
+        except KeyboardInterrupt:  # the second signal
+            raise Interrupted(_aborted_message(run), signal.SIGINT) from None
     latest = run.run_dir.latest_checkpoint()
     if latest is None or latest[0] != run.step:
         checkpoint(run)
 
 
+def _loop(run: Run, bar, log: MetricsLog, stops: StopRequests) -> None:
+    """The steps, each logged, sampled and checkpointed on schedule; a stop request ends the
+    loop after the step in flight, with a checkpoint of it."""
+    cfg = run.cfg
+    while run.step < cfg.max_steps:
+        start = time.perf_counter()
+        loss = train_step(run)
+        record = _record(run, loss, time.perf_counter() - start)
+        last = run.step == cfg.max_steps
+        if run.held_out and (run.step % cfg.validation.loss_every == 0 or last):
+            record["val_loss"] = validation_loss(run)
+        if run.step % cfg.log_every == 0 or last or "val_loss" in record:
+            log.write(record)
+        shown = {"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}
+        bar.set_postfix(loss=f"{loss:.4f}", **shown)
+        bar.update(1)
+        every = cfg.validation.samples_every
+        if every and run.step % every == 0 and not last:  # the last step: samples/final
+            validate_samples(run)
+        if cfg.checkpoints.every and run.step % cfg.checkpoints.every == 0:
+            checkpoint(run)
+        signum = stops.agreed(run.accelerator)
+        if signum:
+            latest = run.run_dir.latest_checkpoint()
+            if latest is None or latest[0] != run.step:
+                checkpoint(run)
+            raise Interrupted(_stopped_message(run, signum), signum)
+
+
+def _stopped_message(run: Run, signum: int) -> str:
+    name = signal.Signals(signum).name
+    return (
+        f"{name} at step {run.step} of {run.cfg.max_steps}: the checkpoint of step {run.step} "
+        f"is written. Resume with: {_resume_command(run)}"
+    )
+
+
+def _aborted_message(run: Run) -> str:
+    latest = run.run_dir.latest_checkpoint()
+    kept = (
+        f"the last complete checkpoint is step {latest[0]} ({latest[1].path})"
+        if latest
+        else "no checkpoint was written; resuming starts again from step 0"
+    )
+    return f"aborted during step {run.step + 1}: {kept}. Resume with: {_resume_command(run)}"
+
+
+def _resume_command(run: Run) -> str:
+    return f"sai-train-lora --resume {shlex.quote(str(run.run_dir.path))}"
+
+
 def _record(run: Run, loss: float, seconds: float) -> dict[str, Any]:
-    """The step's metrics.jsonl record: loss, time, each group's lr, the peak memory so far."""
+    """The step's metrics.jsonl record: loss, time, each group's lr, the peak memory so far;
+    with fp16's loss scaling, the scale after the step and whether the step was skipped (an
+    inf or NaN gradient: the optimizer did not step)."""
     groups = run.optimizer.param_groups
-    return {"step": run.step, "loss": loss, "step_time": seconds,
-            "lr": {g.get("name", str(i)): g["lr"] for i, g in enumerate(groups)},
-            "peak_mem_mb": peak_memory_mb(run.accelerator.device)}  # fmt: skip
+    record = {"step": run.step, "loss": loss, "step_time": seconds,
+              "lr": {g.get("name", str(i)): g["lr"] for i, g in enumerate(groups)},
+              "peak_mem_mb": peak_memory_mb(run.accelerator.device)}  # fmt: skip
+    scaler = run.accelerator.scaler
+    if scaler is not None:
+        record["loss_scale"] = scaler.get_scale()
+        record["skipped"] = bool(getattr(run.optimizer, "step_was_skipped", False))
+    return record
 
 
 def train_step(run: Run) -> float:
@@ -548,28 +603,91 @@ def default_run_dir(cfg: TrainConfig, concept: Concept) -> Path:
 
 
 def run_training(
-    cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = False
+    cfg: TrainConfig,
+    concept: Concept,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    allow_changed_data: bool = False,
 ) -> Path:
-    """Set up, train, save: the whole job. Returns the run directory.
+    """Set up, train, save: the whole job, holding the run folder's lock
+    (``files.run_lock``) throughout. Returns the run directory.
+
+    A resumed run's training data must be what it started with (``changed_data``), unless
+    ``allow_changed_data``.
 
     Raises:
-        UserError: bad input (see ``setup``), or a non-empty ``run_dir`` without ``resume``.
+        UserError: bad input (see ``setup``), a non-empty ``run_dir`` without ``resume``, a
+            folder another process trains, changed training data on resume.
         TrainingDiverged: the loss became NaN or inf.
+        Interrupted: SIGINT or SIGTERM (``train``).
     """
     run_dir = Path(run_dir)
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(
-            f"output folder {run_dir} is not empty; choose another --output-dir "
-            f"or continue it with --resume {run_dir}"
-        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output-dir {run_dir} is a file, not a folder; choose another one")
+    main = int(os.environ.get("RANK", "0")) == 0  # before accelerate: rank 0 holds the lock
+    # the folders the lock will create (runs/<concept>/<run>): removed again if left empty
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    try:
+        with hold_run_folder(run_dir, main_process=main):
+            if (
+                not resume
+                and run_dir.is_dir()
+                and any(p.name != LOCK_NAME for p in run_dir.iterdir())
+            ):
+                raise UserError(
+                    f"output folder {run_dir} is not empty; choose another --output-dir "
+                    f"or continue it with --resume {run_dir}"
+                )
+            if resume:
+                _check_same_data(run_dir, concept, allow_changed_data)
+            _train_and_save(cfg, concept, run_dir, resume=resume)
+    finally:  # bad inputs leave no folder behind (the lock was all it held)
+        for folder in created if main else ():
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    return run_dir
+
+
+def _train_and_save(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool) -> None:
     run = setup(cfg, concept, run_dir, resume=resume)
     # every process has checked the folder above before the main one writes into it
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs have proved good
-        run.run_dir.write_config(run.cfg, concept, {"lr": run.lr, "base_model_hash": run.base_fingerprint,
-                                                "token_ids": run.adapters.token_ids})  # fmt: skip
+        examples = discover_examples(concept.data, token=concept.text,
+                                     caption_template=concept.caption_template)  # fmt: skip
+        run.run_dir.write_config(run.cfg, concept, {
+            "lr": run.lr, "base_model_hash": run.base_fingerprint,
+            "token_ids": run.adapters.token_ids,
+            "data_files": data_fingerprint(examples, concept.data),
+        })  # fmt: skip
     train(run)
     save_outputs(run)  # first: an interrupted final sampling must not cost the LoRA
     validate_samples(run, tag=FINAL_SAMPLES)
-    return run_dir
+
+
+def _check_same_data(run_dir: Path, concept: Concept, allow_changed: bool) -> None:
+    """A resumed run trains on the images, masks and captions it started with.
+
+    Raises:
+        UserError: they changed (the first few named), unless ``allow_changed``.
+    """
+    _, _, saved = RunDir(run_dir).read_config()
+    before = saved.get("data_files")
+    if not before:  # written by an earlier version: nothing to compare
+        return
+    examples = discover_examples(concept.data, token=concept.text,
+                                 caption_template=concept.caption_template)  # fmt: skip
+    changes = changed_data(before, data_fingerprint(examples, concept.data))
+    if not changes:
+        return
+    listed = ", ".join(changes[:3]) + (f" and {len(changes) - 3} more" if len(changes) > 3 else "")
+    if allow_changed:
+        print(f"note: {concept.data} changed since the run started ({listed}); resuming on it "
+              "as asked (--allow-changed-data)", file=sys.stderr)  # fmt: skip
+        return
+    raise UserError(
+        f"{concept.data} changed since {run_dir} started ({listed}): the rest of the run would "
+        "train on other data than its first steps. Restore the files, start a new run, or "
+        "resume anyway with --allow-changed-data"
+    )

@@ -35,7 +35,7 @@ _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 
 def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
     """The order of the n examples in ``epoch``: a permutation of range(n)."""
-    gen = torch.Generator().manual_seed(seed * 7919 + epoch)
+    gen = torch.Generator().manual_seed((seed * 7919 + epoch) % (2**63 - 1))  # any seed
     return torch.randperm(n, generator=gen).tolist()
 
 

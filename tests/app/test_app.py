@@ -4,19 +4,10 @@ of the app that translate widget values (seeds, the training command, error mess
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,9 +21,8 @@ from sai_diffusion.compare.views import run_cost
 from sai_diffusion.errors import UserError
 from sai_diffusion.files.lora_files import lora_numel
 from sai_diffusion.files.run_dir import RunDir, index_runs
-from tests.helpers import make_concept, train_tiny
+from tests.app.helpers import RUNS, http_get, serving
 
-RUNS = {"sgd-sai": "thing/sgd-sai", "adamw": "thing/adamw"}
 PROMPT = "a pencil sketch of <Vthing>"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NO_BROWSER = (
@@ -51,83 +41,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-
-
-@pytest.fixture(scope="module")
-def runs_dir(tiny_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two finished tiny runs (sgd-sai with one of the 3 images held out, adamw; 2 steps at
-    64 px), a folder that is not a run
-    and a run.yaml that does not parse, in ``runs/``; ``secret.txt`` lies beside ``runs/``."""
-    root = tmp_path_factory.mktemp("app")
-    concept = make_concept(root / "concept")
-    runs = root / "runs"
-    for optimizer, name in RUNS.items():
-        held_out = ["--set", "validation_split=0.34"] if optimizer == "sgd-sai" else []
-        train_tiny(concept, tiny_pipeline_dir, runs / name, optimizer, *held_out,
-                   "--set", "validation_seeds=[1]", "--set", "sample_steps=2")  # fmt: skip
-    (runs / "notes").mkdir()
-    (runs / "notes" / "todo.txt").write_text("not a run")
-    (runs / "broken").mkdir()
-    (runs / "broken" / "run.yaml").write_text("config: [unclosed")
-    (root / "secret.txt").write_text("outside the runs folder")
-    return runs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-@contextlib.contextmanager
-def serving(runs_dir: Path) -> Iterator[str]:
-    """A real ``sai-app`` process over ``runs_dir`` on a free port; gradio's cache, temp files
-    and the log (``sai-app.log``) go beside ``runs_dir``. Stopped with Ctrl-C (SIGINT), as a
-    user would."""
-    port = _free_port()
-    work = runs_dir.parent
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(work / "gradio"), "TMPDIR": str(work)}
-    log = (work / "sai-app.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from sai_diffusion.cli import app_entry; app_entry()",
-         "--runs-dir", str(runs_dir), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    try:
-        while True:
-            assert proc.poll() is None, (work / "sai-app.log").read_text()
-            try:
-                if _get(url + "/") == 200:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, "sai-app did not answer within 90 s"
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def server(runs_dir: Path) -> Iterator[str]:
-    with serving(runs_dir) as url:
-        yield url
 
 
 def test_compare_endpoint_returns_the_grid_png(server, runs_dir):
@@ -160,10 +73,10 @@ def test_compare_endpoint_returns_the_grid_png(server, runs_dir):
 def test_only_files_under_the_runs_folder_are_served(server, runs_dir):
     """gradio's file route serves the runs folder (allowed_paths) and nothing else."""
     ok = runs_dir / "thing" / "sgd-sai" / "run.yaml"
-    assert _get(f"{server}/gradio_api/file={ok}") == 200
+    assert http_get(f"{server}/gradio_api/file={ok}") == 200
     for path in ("/etc/passwd", runs_dir.parent / "secret.txt", f"{runs_dir}/../secret.txt"):
-        assert _get(f"{server}/gradio_api/file={path}") in (403, 404), path
-    assert _get(f"{server}/file=/etc/passwd") in (403, 404)
+        assert http_get(f"{server}/gradio_api/file={path}") in (403, 404), path
+    assert http_get(f"{server}/file=/etc/passwd") in (403, 404)
 
 
 def test_concurrent_compares_give_the_grids_of_the_same_calls_one_by_one(server):
@@ -349,17 +262,35 @@ def test_browser_names_a_run_deleted_after_the_page_listed_it(spare, tmp_path):
 
 
 # ------------------------------------------------------------------ translation, no server
-@pytest.fixture(scope="module")
-def app_module():
-    return cli.load_app()
-
-
 def test_seeds_are_parsed_or_refused_with_the_field_named(app_module):
+    """Whole numbers in [0, 2**63), at most 16: a larger seed is one message (issue 30), not
+    torch's overflow error after the model loaded."""
     assert app_module.parse_seeds("1,2, 3") == [1, 2, 3]
     assert app_module.parse_seeds("7 1-3 2") == [7, 1, 2, 3]
-    for bad in ("", "a", "-1", "3-1", "1-100"):
+    assert app_module.parse_seeds(f"0 {2**63 - 1}") == [0, 2**63 - 1]
+    for bad in ("", "a", "-1", "3-1", "1-100", "1.5", "0x10", str(2**63),
+                "99999999999999999999999", f"{2**63 - 2}-{2**63}", "1 " * 1_000):  # fmt: skip
         with pytest.raises(UserError, match="Seeds"):
             app_module.parse_seeds(bad)
+
+
+def test_train_tab_refuses_a_seed_no_generator_takes(app_module, tmp_path):
+    """Issue 30: a seed outside [0, 2**63) or an lr that is not finite is one message in the
+    Train tab, before any process starts; the largest seed passes."""
+    from sai_diffusion_app import training
+
+    def args(**fields: str) -> list[str]:
+        return training.train_args(tmp_path, {"concept": "demo", "run_folder": "r", **fields})
+
+    assert args(seed=str(2**63 - 1))[-4:-2] == ["--seed", str(2**63 - 1)]
+    for seed in ("99999999999999999999999", str(2**63), "-1"):
+        with pytest.raises(UserError, match=r"--seed .* 2\*\*63 - 1"):
+            args(seed=seed)
+    with pytest.raises(UserError, match="--seed must be a whole number, got '99999"):
+        args(seed="9" * 5_000)  # more digits than int() reads
+    for lr in ("nan", "inf", "-inf"):
+        with pytest.raises(UserError, match="--lr must be a finite number"):
+            args(lr=lr)
 
 
 def test_train_tab_translates_fields_into_the_cli_command(app_module, tmp_path):
@@ -383,7 +314,7 @@ def test_train_tab_translates_fields_into_the_cli_command(app_module, tmp_path):
     assert training.shown_command(args).startswith("sai-train-lora --concept potter ")
     with pytest.raises(UserError, match="inside"):
         training.train_args(runs, form(concept="potter", run_folder="../elsewhere"))
-    with pytest.raises(UserError, match="--lr must be a number"):
+    with pytest.raises(UserError, match="--lr must be a finite number"):
         training.train_args(runs, form(concept="potter", lr="fast"))
     # no base model: the concept's own, else the built-in miniature model
     args = training.train_args(runs, {"concept": "demo", "base_model": " ", "run_folder": "d/a"})

@@ -224,8 +224,8 @@ def test_init_noise_std_cannot_act_when_every_word_starts_random(tmp_path):
 
 @pytest.mark.parametrize(("item", "says"), [
     ("alpha=.inf", "lora.alpha \\(alpha\\) must be a finite number > 0"),
-    ("scaled_reg=.nan", "scaled_reg\\) must be >= 0"),
-    ("seed=99999999999999999999999", "'seed' must be int"),
+    ("scaled_reg=.nan", "scaled_reg\\) must be a finite number >= 0"),
+    ("seed=99999999999999999999999", "seed must be in \\[0, 2\\*\\*63\\)"),
     ("lora_targets=[]", "must name at least one module"),
     ("class_prompt=a {x}", "holds braces"),
 ])  # fmt: skip

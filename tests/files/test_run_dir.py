@@ -67,7 +67,7 @@ def test_run_yaml_round_trips_and_old_runs_still_read(tmp_path):
     assert run.read_config()[0] == cfg
 
     run.run_yaml.write_text("config: [not, a, mapping\n")
-    with pytest.raises(UserError, match="unreadable run file"):
+    with pytest.raises(UserError, match="run.yaml: not valid YAML"):
         run.read_config()
     with pytest.raises(UserError, match="no run.yaml"):
         RunDir(tmp_path / "elsewhere").read_config()
