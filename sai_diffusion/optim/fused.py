@@ -122,14 +122,15 @@ def _build_directory(name: str) -> Path:
         return Path(cpp_extension.get_default_build_root()) / name
 
 
-def _wait_for_build_lock(folder: Path) -> None:
+def _wait_for_build_lock(folder: Path, wait_s: float | None = None) -> None:
     """Return once ``folder/lock`` is gone or removed as stale.
 
     Raises:
-        RuntimeError: another process is still building after ``BUILD_WAIT_S`` seconds.
+        BuildLockHeld: another process is still building after ``wait_s`` seconds (default
+            ``BUILD_WAIT_S``).
     """
     lock = folder / "lock"
-    deadline = time.monotonic() + BUILD_WAIT_S
+    deadline = time.monotonic() + (BUILD_WAIT_S if wait_s is None else wait_s)
     while True:
         try:
             age = time.time() - lock.stat().st_mtime

@@ -4,6 +4,7 @@ LoRA adapters of the UNet and the text encoder, and the rule that stops the word
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,12 @@ class Adapters:
     def conv_pairs(self) -> bool:
         """LoRA on conv layers (LoCon): 4-D factors."""
         return any(".lora_A." in n and p.dim() > 2 for n, p in self.trainable.items())
+
+    @functools.cached_property
+    def trained_parts(self) -> frozenset[str]:
+        """The parts with a trained tensor: "unet" and the text encoders that train (their
+        LoRA or the words' vectors), by part name."""
+        return frozenset(name.split(".")[0] for name in self.trainable)
 
     @property
     def vectors(self) -> list[nn.Parameter]:
@@ -108,18 +115,19 @@ def add_adapters(cfg: TrainConfig, concept: Concept, pipe, family: StableDiffusi
     # train mode as diffusers' scripts set it (SD 1.5 and CLIP have dropout 0); transformers
     # checkpoints only in train mode, so an eval() text encoder would ignore the setting
     unet.train()
-    trained = [e.module for e in encoders if any(p.requires_grad for p in e.module.parameters())]
+    adapters = Adapters(token_ids, trainable, words)
     for encoder in encoders:
-        encoder.module.train(encoder.module in trained)
+        encoder.module.train(encoder.name in adapters.trained_parts)
     if cfg.compute.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        for module in trained:
+        for module in (e.module for e in encoders if e.name in adapters.trained_parts):
             # non-reentrant: gradients reach the LoRA factors although the inputs need none
             enable = getattr(module, "activation_checkpointing_enable", None)
             enable = enable or module.gradient_checkpointing_enable  # its older name
             enable({"use_reentrant": False})
-    recording = edlora.processors(unet) if cfg.loss.attn_reg_weight > 0 else []
-    return Adapters(token_ids, trainable, words, recording)
+    if cfg.loss.attn_reg_weight > 0:
+        adapters.attention = edlora.processors(unet)
+    return adapters
 
 
 class NormStop:

@@ -100,7 +100,8 @@ class Run:
 
     def trained_modules(self) -> list[nn.Module]:
         """The modules the backward pass reaches (the UNet, the trained text encoders)."""
-        return [self.unet] + [m for m in self.text_encoders.values() if _trains(m)]
+        parts = self.adapters.trained_parts
+        return [self.unet] + [m for n, m in self.text_encoders.items() if n in parts]
 
 
 # ----------------------------------------------------------------------------------- setup
@@ -134,7 +135,7 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     optimizer, lr_scheduler = _setup_optimizer(cfg, adapters, cfg.group_lrs(concept), accelerator)
     # accelerate wraps the trained modules (DDP across GPUs) and the optimizer (GradScaler)
     encoders = {e.name: e.module for e in family.text_encoders(pipe)}
-    trained = [name for name, module in encoders.items() if _trains(module)]
+    trained = [name for name in encoders if name in adapters.trained_parts]
     unet, *prepared, optimizer = accelerator.prepare(
         pipe.unet, *(encoders[n] for n in trained), optimizer
     )
@@ -353,11 +354,6 @@ def training_state(run: Run) -> TrainingState:
         lr_scheduler=run.lr_scheduler,
         scaler=run.accelerator.scaler,
     )
-
-
-def _trains(module: nn.Module) -> bool:
-    """The module has a trained tensor (LoRA or the words' vectors)."""
-    return any(p.requires_grad for p in module.parameters())
 
 
 def _plain(run: Run, module: nn.Module) -> nn.Module:

@@ -218,23 +218,52 @@ def test_files_are_written_with_the_users_umask(concept, tiny_pipeline_dir, tmp_
 
 
 def _kernel_build_dir() -> Path:
+    """The fused kernel's build folder, or a skip where scripts/setup.sh has not built it (no
+    C++ compiler): the end-to-end tests load the real kernel; the lock rule itself is tested
+    on a folder of its own below, everywhere."""
     from sai_diffusion.optim import fused
 
-    return fused._build_directory(f"sai_sgd_sai_cpu_{fused._cpu_digest()}")
+    folder = fused._build_directory(f"sai_sgd_sai_cpu_{fused._cpu_digest()}")
+    if not folder.is_dir():
+        pytest.skip("the fused kernel is not built on this machine (scripts/setup.sh builds it)")
+    return folder
+
+
+def _lock_in(folder: Path, *, age_s: float) -> Path:
+    lock = folder / "lock"
+    lock.write_text("")
+    then = time.time() - age_s
+    os.utime(lock, (then, then))
+    return lock
 
 
 _LOAD = "from sai_diffusion.optim import fused; print(fused.cpu_kernel() is not None)"
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_the_build_lock_rule_on_a_folder_of_its_own(tmp_path, capsys):
+    """A lock nobody works beside is removed at once; one beside a live process (ninja and the
+    compiler run in the build folder) is waited for, then given up with BuildLockHeld."""
+    from sai_diffusion.optim import fused
+
+    lock = _lock_in(tmp_path, age_s=3600)
+    fused._wait_for_build_lock(tmp_path, wait_s=5)
+    assert not lock.exists() and "left by an interrupted build" in capsys.readouterr().err
+    lock = _lock_in(tmp_path, age_s=3600)
+    builder = subprocess.Popen(["sleep", "60"], cwd=tmp_path)
+    try:
+        start = time.monotonic()
+        with pytest.raises(fused.BuildLockHeld, match="not waiting longer"):
+            fused._wait_for_build_lock(tmp_path, wait_s=1)
+        assert time.monotonic() - start < 10 and lock.exists()
+    finally:
+        builder.kill()
+        builder.wait()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_a_build_lock_left_by_an_interrupted_build_is_removed(tmp_path):
-    folder = _kernel_build_dir()
-    if not folder.is_dir():
-        pytest.skip("the fused kernel is not built on this machine (scripts/setup.sh builds it)")
-    lock = folder / "lock"
-    lock.write_text("")
-    old = time.time() - 3600
-    os.utime(lock, (old, old))
+    lock = _lock_in(_kernel_build_dir(), age_s=3600)
     proc = subprocess.run([sys.executable, "-c", _LOAD], capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.stdout.strip() == "True", proc.stderr
@@ -244,10 +273,7 @@ def test_a_build_lock_left_by_an_interrupted_build_is_removed(tmp_path):
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_a_live_build_is_waited_for_a_bounded_time(tmp_path):
     folder = _kernel_build_dir()
-    if not folder.is_dir():
-        pytest.skip("the fused kernel is not built on this machine (scripts/setup.sh builds it)")
-    lock = folder / "lock"
-    lock.write_text("")
+    lock = _lock_in(folder, age_s=0)
     builder = subprocess.Popen(["sleep", "60"], cwd=folder)  # a process working there
     try:
         env = {**os.environ, "SAI_FUSED_BUILD_WAIT_S": "2"}
