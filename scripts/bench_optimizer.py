@@ -8,6 +8,8 @@ machine they see the same load; every time is also given as a ratio to torch Ada
 taken repeat by repeat in the same run.
 
     python scripts/bench_optimizer.py --set lora4,lora64,unet,gpt2xl --repeats 30 --json bench.json
+    python scripts/bench_optimizer.py --device cuda --set lora4,lora64,gpt2xl:full \
+        --optimizers sgd-sai,sgd-sai-foreach,adamw-fused,adamw-foreach,sgd-foreach
 
 Parameter sets (``--size`` full | small | tiny; by default the LoRA sets are full size and the
 whole-model sets are full on CUDA, small on CPU; ``name:size`` in ``--set`` sizes one set):
@@ -273,19 +275,13 @@ FUSED_ADAMW = "adamw-fused"
 
 def copy_bandwidth(device: torch.device, *, mib: int = 256, repeats: int = 10) -> float:
     """Bytes per second of a large ``copy_`` (read + write counted), median of ``repeats``:
-    the memory bandwidth an elementwise update can hope for on this machine."""
+    the memory bandwidth an elementwise update can hope for on this machine. Timed as the
+    steps are (``timed_step``): on CUDA with events, since 256 MiB copy in about 0.2 ms there,
+    which a host timer around two synchronisations would overstate."""
     src = torch.rand(mib * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 1):  # the first one pages the memory in
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * src.element_size() / statistics.median(times[1:])
+    times = [timed_call(lambda: dst.copy_(src), device) for _ in range(repeats + 1)]
+    return 2 * src.numel() * src.element_size() / statistics.median(times[1:])  # 1st: paging
 
 
 def unavailable_reason(candidate: Candidate, device: torch.device) -> str | None:
@@ -305,16 +301,22 @@ def unavailable_reason(candidate: Candidate, device: torch.device) -> str | None
 # ----------------------------------------------------------------------------- measuring
 def timed_step(optimizer: torch.optim.Optimizer, device: torch.device) -> float:
     """Seconds of one ``optimizer.step()``, host work and device work together."""
+    return timed_call(optimizer.step, device)
+
+
+def timed_call(call: Callable[[], object], device: torch.device) -> float:
+    """Seconds of ``call()``: CUDA events around it on CUDA (from an idle device to the end of
+    its last kernel, the host's launch work included), the host clock elsewhere."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
         start.record()
-        optimizer.step()
+        call()
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
     start = time.perf_counter()
-    optimizer.step()
+    call()
     return time.perf_counter() - start
 
 
@@ -662,6 +664,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, size in chosen:
         report["sets"].append(bench_set(build_param_set(name, size), device, args))
         gc.collect()  # free this set's parameters and states before the next one
+        if device.type == "cuda":  # and hand them back, so the next set's check sees them free
+            torch.cuda.empty_cache()
 
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -88,9 +88,10 @@ def test_only_files_run_dir_spells_the_run_folder_names():
 
 def test_the_optimizer_package_needs_torch_alone():
     """sai_diffusion.optim is usable on its own: torch and the standard library, peft only for
-    the scaled-* optimizers, ninja (optional) only to build the fused CPU update."""
+    the scaled-* optimizers, ninja (optional) only to build the fused CPU update, triton
+    (optional) only for the fused CUDA update."""
     allowed = {"torch", *sys.stdlib_module_names}
-    own = {"factory.py": {"peft"}, "fused.py": {"ninja"}}
+    own = {"factory.py": {"peft"}, "fused.py": {"ninja"}, "fused_cuda.py": {"triton"}}
     for path in (REPO / "sai_diffusion" / "optim").glob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):

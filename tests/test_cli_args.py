@@ -157,7 +157,7 @@ def test_a_run_without_its_words_file_is_refused_naming_it(run, capsys):
 
 def test_a_lora_factor_without_its_pair_is_refused_before_the_model_loads(run, capsys):
     """Before, peft left the missing factor empty and moving the model failed (traceback)."""
-    _rewrite_lora(run, lambda t: t.pop(_first(t, ".lora.down.weight")))
+    _rewrite_lora(run, lambda t: t.pop(_first(t, ".down.weight")))
     err = _sample(run, capsys)
     assert "has its up factor but not its down one" in err and RESTORE in err
 
@@ -166,7 +166,7 @@ def test_a_lora_factor_of_another_width_names_the_module_and_both_shapes(run, ca
     """Before: "Error(s) in loading state_dict for UNet2DConditionModel:", and no module."""
 
     def narrower(tensors):
-        key = _first(tensors, ".lora.down.weight")
+        key = _first(tensors, ".down.weight")
         tensors[key] = tensors[key][:, :-8].contiguous()
 
     _rewrite_lora(run, narrower)

@@ -167,17 +167,19 @@ def gsnr_by_block(rows: list[dict[str, Any]]) -> tuple[list[BlockScale], int]:
 class RunCost:
     steps_logged: int
     median_step_time: float | None  # seconds
+    median_data_wait: float | None  # seconds a step waited for its inputs (None: not recorded)
     peak_mem_mb: float | None
     state_bytes: int | None
     state_source: str  # "checkpoint" (measured), "estimate" (from the LoRA size), or ""
 
 
 def run_cost(run_dir: Path, *, optimizer: str | None = None, momentum: float = 0.9) -> RunCost:
-    """Median step time and peak memory from ``metrics.jsonl``; optimizer state bytes measured
+    """Median step time and data wait, and peak memory, from ``metrics.jsonl``; optimizer state bytes measured
     in the latest checkpoint's ``optimizer.pt``, else estimated from ``lora.safetensors`` and
     ``optim.STATE_BUFFERS`` when ``optimizer`` is given."""
     records = RunDir(run_dir).read_metrics()
     times = [r["step_time"] for r in records if isinstance(r.get("step_time"), int | float)]
+    waits = [r["data_wait"] for r in records if isinstance(r.get("data_wait"), int | float)]
     mems = [r["peak_mem_mb"] for r in records if isinstance(r.get("peak_mem_mb"), int | float)]
     if (state := checkpoint_state_bytes(run_dir)) is not None:
         source = "checkpoint"
@@ -189,6 +191,7 @@ def run_cost(run_dir: Path, *, optimizer: str | None = None, momentum: float = 0
     return RunCost(
         steps_logged=len(records),
         median_step_time=statistics.median(times) if times else None,
+        median_data_wait=statistics.median(waits) if waits else None,
         peak_mem_mb=max(mems) if mems else None,
         state_bytes=state,
         state_source=source,

@@ -241,6 +241,10 @@ class Compute:
                                            "(less memory, more time)")  # fmt: skip
     cache_latents: bool = setting(True, "encode each image once, at its centre crop (of its "
                                   "bucket), before training")  # fmt: skip
+    data_workers: int | None = setting(
+        None, "processes preparing the coming steps' examples while the device trains (0: on "
+        "the training thread); default: up to 4 on a GPU, 0 on the CPU. The results are the "
+        "same for any number", rule=within(0, 64))  # fmt: skip
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The LoRA files of a run: written so that other tools load them, and read back.
 
-    lora.safetensors         diffusers' format: ``unet.<module>.lora.down.weight`` /
-                             ``text_encoder.text_model.<module>.lora_linear_layer.down.weight``,
-                             with alpha / rank folded into the up factors and alpha = rank
-                             in diffusers' ``lora_adapter_metadata`` header entry
+    lora.safetensors         diffusers' format, in the one spelling that both diffusers'
+                             ``load_lora_weights`` and ComfyUI's key map read (below), with
+                             alpha / rank folded into the up factors and alpha = rank in
+                             diffusers' ``lora_adapter_metadata`` header entry
     lora_kohya.safetensors   kohya / A1111 / ComfyUI: ``lora_unet_<module>.lora_down.weight``,
                              ``.lora_up.weight`` and a scalar ``.alpha`` per module, ss_* header
     embeddings.safetensors   textual-inversion embeddings of the concept tokens, one
@@ -15,22 +15,42 @@ A (r, in) and B (out, r), injected by ``models.lora.add_lora`` under the adapter
 compute alpha / rank themselves); diffusers' own ``convert_state_dict_to_kohya`` writes
 alpha = rank, which mis-scales any LoRA trained with alpha != rank, so it is not used here.
 
+The diffusers file's keys (``diffusers_key`` writes them, ``parse_diffusers_key`` reads them):
+
+    unet.<attn>.processor.to_q_lora.down.weight      a UNet attention projection (to_q, to_k,
+    unet.<attn>.processor.to_out_lora.up.weight      to_v, to_out.0 as ``to_out``)
+    unet.<module>.lora.down.weight                   any other UNet layer (LoCon's convs, ...)
+    text_encoder.text_model.<module>.lora_linear_layer.down.weight   (and text_encoder_2.)
+    <part>.<module>.lora_magnitude_vector            DoRA: the layer's trained row norms
+
+ComfyUI (comfy/lora.py ``model_lora_keys_unet``, comfy/weight_adapter/lora.py, both at
+Comfy-Org/ComfyUI a125cd84b054, v0.3.64) answers to a diffusers UNet layer only as ``unet.`` +
+its name with ``.to_`` written ``.processor.to_`` and ``.to_out.0`` as ``.to_out``, and its
+LoRA loader reads ``<that>_lora.up.weight``; diffusers (``convert_unet_state_dict_to_peft``, 0.32 and 0.42) drops
+``.processor.`` and reads ``.to_q_lora.down`` as ``.to_q.lora_A``. peft's own ``lora_A`` names
+(diffusers' writer today) and ``.to_q.lora.down`` load in diffusers but not in ComfyUI. Both
+read the text encoders' ``lora_linear_layer`` keys and the other layers' ``.lora.down``.
+Neither reads the other's DoRA: ComfyUI skips ``lora_magnitude_vector`` (its DoRA is the kohya
+file's ``dora_scale``), diffusers drops ``dora_scale``.
+
 LoCon (LoRA on Conv2d layers) keeps peft's 4-D factors in both files, as kohya's LoCon writes
 them: down (r, in, k, k), up (out, r, 1, 1). DoRA adds each layer's trained magnitude: peft's
 ``lora_magnitude_vector`` keys in the diffusers file, a ``dora_scale`` per output row in the
-kohya file (``_dora_scale``: written for ComfyUI's and Forge's reading of that layout).
+kohya file (``_dora_scale``: written for ComfyUI's reading of that layout). Which tools read a
+DoRA file wrongly is ``dora_readers_note``'s message.
 
 The diffusers file has no per-module alpha: loaders that ignore its header (diffusers before
-its LoRA-metadata change) take alpha = rank, i.e. scale 1. So the file stores
+its LoRA-metadata change, ComfyUI) take alpha = rank, i.e. scale 1. So the file stores
 B' = (alpha / rank) B and says alpha = rank: a reading with or without the header computes the
-trained W x + (alpha / rank) B A x. Which tool maps which keys of which file (ComfyUI reads
-only the text-encoder part of the diffusers file, for one) is docs/file-formats.md's table.
+trained W x + (alpha / rank) B A x. Which tool maps which keys of which file is
+docs/file-formats.md's table.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,15 +59,13 @@ from typing import NamedTuple
 import safetensors
 import safetensors.torch
 import torch
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import UserError
 from ..fsutil import atomic_path
-from .run_dir import RunDir
+from .run_dir import KOHYA_FILE, LORA_FILE, RunDir
 
 ADAPTER = "default"  # the peft adapter (peft's default name) that training adds and files hold
 
@@ -135,7 +153,7 @@ def save_lora(
 
     diffusers_tensors, adapter_config, kohya_tensors = {}, {}, {}
     for prefix, model, modules in parts:
-        diffusers_tensors |= _diffusers_tensors(model, prefix)
+        diffusers_tensors |= _diffusers_tensors(modules, prefix)
         adapter_config |= _adapter_config(model, prefix)
         kohya_tensors |= _kohya_tensors(modules, keys.kohya_prefixes[prefix])
 
@@ -194,7 +212,7 @@ def _network_args(modules: list[_Factors], rank: int, alpha: float) -> dict[str,
                                                 "conv_alpha": f"{alpha:g}"})  # fmt: skip
     if any(f.magnitude is not None for f in modules):
         header["sai_dora_scale"] = (
-            "m * |W| / |W + dW| per output row: ComfyUI's and Forge's reading of dora_scale"
+            "m * |W| / |W + dW| per output row: ComfyUI's reading of dora_scale"
         )
     return header
 
@@ -298,28 +316,60 @@ def _check_rank_alpha(
             )
 
 
-def _diffusers_tensors(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    """peft state dict -> diffusers' SD keys, via diffusers' own converter.
-
-    The converter only knows the default attention targets; any other target (``proj_in``,
-    ``fc1``) keeps peft's ``lora_A``/``lora_B``, and diffusers' loader decides the key style
-    from the first key only, so such leftovers are renamed with the generic rule its loader
-    inverts (UNet ``.lora.down``, text encoder ``.lora_linear_layer.down``).
-    """
-    # save_embedding_layers=False: after add_concept_tokens peft's "auto" would add the whole
-    # resized token-embedding matrix; the concept rows go to embeddings.safetensors instead.
-    peft_sd = get_peft_model_state_dict(model, adapter_name=ADAPTER, save_embedding_layers=False)
-    for name, module in model.named_modules():  # fold alpha / rank into B (module docstring)
-        if isinstance(module, LoraLayer) and ADAPTER in module.lora_B:
-            key = f"{name}.lora_B.weight"
-            peft_sd[key] = peft_sd[key] * module.scaling[ADAPTER]
-    converted = convert_state_dict_to_diffusers(peft_sd)
-    generic = "lora" if prefix == "unet" else "lora_linear_layer"
+def _diffusers_tensors(modules: dict[str, _Factors], part: str) -> dict[str, torch.Tensor]:
+    """``part``'s layers under ``diffusers_key``'s names: down, up * alpha / rank (the module
+    docstring says why) and, for DoRA, the magnitude as peft holds it."""
     out = {}
-    for key, tensor in converted.items():
-        key = key.replace(".lora_A.", f".{generic}.down.").replace(".lora_B.", f".{generic}.up.")
-        out[f"{prefix}.{_canonical(key, prefix)}"] = tensor.detach().contiguous()
+    for name, factors in modules.items():
+        scale = factors.alpha / factors.down.shape[0]
+        out[diffusers_key(part, name, "down")] = factors.down.detach().contiguous()
+        out[diffusers_key(part, name, "up")] = (factors.up.detach() * scale).contiguous()
+        if factors.magnitude is not None:
+            out[diffusers_key(part, name, "magnitude")] = factors.magnitude.detach().contiguous()
     return out
+
+
+# A UNet attention projection's last name -> its attention processor's name for it.
+_PROCESSOR_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}
+_DIFFUSERS_KEY = re.compile(
+    r"(?P<part>unet|text_encoder|text_encoder_2)\.(?:"
+    r"(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<p_side>down|up)\.weight"
+    r"|(?P<module>.+?)\.(?:lora|lora_linear_layer)\.(?P<side>down|up)\.weight"
+    r"|(?P<dora>.+)\.lora_magnitude_vector)"
+)
+
+
+def diffusers_key(part: str, module: str, what: str) -> str:
+    """The ``lora.safetensors`` key of ``module`` (its name in ``part``, text encoders' with
+    ``text_model.``) for ``what``: "down", "up" or "magnitude" (the module docstring lists
+    the forms and why the UNet's attention projections take their processors' names)."""
+    if what == "magnitude":
+        return f"{part}.{module}.lora_magnitude_vector"
+    if part != "unet":
+        return f"{part}.{module}.lora_linear_layer.{what}.weight"
+    for last, processor_name in _PROCESSOR_NAMES.items():
+        if module.endswith("." + last):
+            attention = module[: -len(last) - 1]
+            return f"unet.{attention}.processor.{processor_name}_lora.{what}.weight"
+    return f"unet.{module}.lora.{what}.weight"
+
+
+def parse_diffusers_key(key: str) -> tuple[str, str, str]:
+    """(part, module, what) of a ``lora.safetensors`` key: the inverse of ``diffusers_key``
+    (the module named as in the model, ``...attn1.to_out.0``).
+
+    Raises:
+        ValueError: ``key`` is not of a form this project writes.
+    """
+    found = _DIFFUSERS_KEY.fullmatch(key)
+    if found is None:
+        raise ValueError(f"{key!r} is not one of this project's {LORA_FILE} keys")
+    if found["attn"] is not None:
+        projection = "to_out.0" if found["proj"] == "to_out" else found["proj"]
+        return found["part"], f"{found['attn']}.{projection}", found["p_side"]
+    if found["module"] is not None:
+        return found["part"], found["module"], found["side"]
+    return found["part"], found["dora"], "magnitude"
 
 
 def _adapter_config(model: nn.Module, prefix: str) -> dict[str, object]:
@@ -364,7 +414,7 @@ def _kohya_tensors(modules: dict[str, _Factors], prefix: str) -> dict[str, torch
 @torch.no_grad()
 def _dora_scale(factors: _Factors) -> torch.Tensor:
     """(out, 1) or (out, 1, 1, 1): the ``dora_scale`` that gives peft's DoRA weight under the
-    output-axis reading of ComfyUI and Forge.
+    output-axis reading of ComfyUI (measured; Forge's code follows ComfyUI's, not measured).
 
     peft trains W' = m * (W + dW) / |W + dW| per output row (dW = alpha / r * B A). A
     ``dora_scale`` whose first dimension is the layer's output is read there as
@@ -388,6 +438,36 @@ def atomic_save_tensors(
     data = safetensors.torch.save({k: v.cpu() for k, v in tensors.items()}, metadata=metadata)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def dora_readers_note(family: str) -> str:
+    """What a ``lora.dora=true`` run of model ``family`` ("sd1", "sd2", "sdxl") prints once
+    about its files: which tools compute the trained model from which file, and which read it
+    wrongly. From docs/file-formats.md's table (measured with scripts/check_clients.py and,
+    for A1111, in issue 31), on SD 1.5 files; an SD 2.x or SDXL file is named and read by the
+    same rules (tests/files/test_sdxl_files.py).
+
+    Raises:
+        ValueError: an unknown family.
+    """
+    if family not in ("sd1", "sd2", "sdxl"):
+        raise ValueError(f"unknown model family {family!r}: sd1, sd2 or sdxl")
+    encoders = "text encoders'" if family == "sdxl" else "text encoder's"
+    lora, kohya = LORA_FILE, KOHYA_FILE
+    return "\n".join([
+        "note: a DoRA run's LoRA files are not read right by every tool (docs/file-formats.md, "
+        "'Which tool loads which file'):",
+        f"  right: {lora} in sai-sample, sai-compare, the app, load_run, diffusers 0.32 "
+        "(transformers 4.54)",
+        f"         {kohya} in ComfyUI",
+        f"  wrong: diffusers 0.42 (transformers 5), {lora}: the {encoders} DoRA magnitudes "
+        "(text-encoder LoRA) are not loaded",
+        f"         ComfyUI, {lora}: the magnitudes are skipped (plain LoRA)",
+        f"         kohya sd-scripts, diffusers, {kohya}: dora_scale ignored (plain LoRA)",
+        f"         A1111 1.10, {kohya}: loads without an error, wrong weights",
+        "         LyCORIS 4.1.3: its loader stops on SD UNets; its merge gives wrong weights",
+        "  not measured: Forge",
+    ])  # fmt: skip
 
 
 # --------------------------------------------------------------------------- loading

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import UserError
 from ..fsutil import atomic_path
-from .lora_files import atomic_save_tensors, read_embeddings
+from .lora_files import atomic_save_tensors, parse_diffusers_key, read_embeddings
 from .run_dir import RunDir
 
 EDLORA_FORMAT = "sai-edlora/1"
@@ -83,10 +83,6 @@ def read_edlora(run_dir: Path) -> tuple[dict[str, torch.Tensor], list[str]] | No
 
 
 # ----------------------------------------------------------------------- Mix-of-Show's .pth
-_LORA_SUFFIXES = {  # ours (lora.safetensors, alpha folded into up) -> Mix-of-Show's
-    "unet": (".lora.down.weight", ".lora.up.weight"),
-    "text_encoder": (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
-}
 
 
 def mix_of_show_params(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -130,14 +126,13 @@ def mix_of_show_params(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
                 "LoRA on Linear layers only. Export a run trained without them, or use its "
                 f"{run.kohya.name} in ComfyUI"
             )
-        prefix, _, name = key.partition(".")
-        down, up = _LORA_SUFFIXES.get(prefix, ("", ""))
-        if down and name.endswith(down):
-            parts[prefix][name[: -len(down)] + ".lora_down.weight"] = tensor
-        elif up and name.endswith(up):
-            parts[prefix][name[: -len(up)] + ".lora_up.weight"] = tensor
-        else:
+        try:  # ours (alpha folded into up) -> Mix-of-Show's <module>.lora_down.weight
+            part, module, side = parse_diffusers_key(key)
+        except ValueError:
+            part = None
+        if part not in parts:
             raise UserError(f"{run.lora}: key {key!r} is not one of this project's LoRA keys")
+        parts[part][f"{module}.lora_{side}.weight"] = tensor
     found = read_edlora(run.path)
     if found is not None:
         embeddings = found[0]

@@ -27,7 +27,9 @@ rules; tests/optim checks them against a float64 re-derivation and the released 
   initialised, and continues bitwise identical to an uninterrupted run.
 * ``step()`` never waits for the device. Which blocks got initialised on step t is copied to the
   host asynchronously and read at the start of step t + 1; from then on a block's scale is a
-  host float and the update is three multi-tensor kernels per (device, dtype) group.
+  host float and the update is one pass over p, g, m per (param group, dtype): one Triton
+  kernel launch on CUDA (``optim/fused_cuda.py``), one C++ call on the CPU (``optim/fused.py``),
+  or, where those do not apply, three multi-tensor kernels per (device, dtype) group.
 * bf16/fp16 parameters: momentum is kept in fp32 and all math is fp32, rounded once on write.
 * ``normalize="none"`` reproduces the released ``sgd-sai`` 1.0.3 (raw g-SNR as the scale, the
   unbiased variance of ``Tensor.std()``), for comparison with published numbers.
@@ -48,11 +50,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import fused
+from . import fused, fused_cuda
 
 NORMALIZE_MODES = ("max", "none")
 # The update of a chunk needs one temporary the size of the chunk; bound it to 256 MB of fp32.
 _CHUNK_NUMEL = 1 << 26
+# Devices whose steady step may take the Triton kernel (the interpreter tests add "cpu").
+_TRITON_DEVICES = ("cuda",)
 
 # Per-parameter state keys holding scalars or buffers whose dtype must survive load_state_dict
 # (torch casts floating state to the parameter's dtype, which would turn fp32 momentum of a
@@ -67,6 +71,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class SGDSaI(Optimizer):
     """SGD-SaI (arXiv:2412.11768, Algorithm 1), LoRA-safe and resumable.
 
+    On CUDA the steady step of float32 / bfloat16 / float16 blocks is one Triton kernel launch
+    per param group and dtype (20 bytes moved per fp32 parameter instead of about 40) when
+    triton is installed and works; otherwise, and with ``fused=False``, the foreach kernels.
+
     Args:
         params: parameters or param groups (groups may set lr, momentum, weight_decay, eps,
             maximize).
@@ -77,9 +85,14 @@ class SGDSaI(Optimizer):
         normalize: ``"max"`` (paper: scales in (0, 1]) or ``"none"`` (released sgd-sai 1.0.3).
         maximize: ascend instead of descend.
         foreach: multi-tensor kernels (default) or a per-tensor loop; both give identical results.
-        fused: the one-pass C++ update for CPU float32 / float64 tensors (``optim/fused.py``),
-            equal to the foreach path up to rounding. None (default): where it applies and
-            builds; True: the same, but a kernel that cannot be built is an error; False: never.
+        fused: the one-pass update of the steady steps, equal to the foreach path up to
+            rounding. CPU float32 / float64 blocks: the C++ kernel (``optim/fused.py``). CUDA
+            float32 / bfloat16 / float16 blocks (contiguous, the gradient in the parameter's
+            dtype): a Triton kernel, one launch per param group and dtype
+            (``optim/fused_cuda.py``); the first (g-SNR) step stays on the foreach kernels.
+            None (default): where it applies and the kernel builds; on CUDA without a working
+            triton, the foreach kernels (warned once). True: the same, but a kernel that cannot
+            be built or launched is an error. False: never.
 
     Raises:
         ValueError: for an invalid hyperparameter, naming it and its valid range.
@@ -135,6 +148,8 @@ class SGDSaI(Optimizer):
         self._gsnr_max: Tensor | None = None
         # blocks initialised on the last step, with their (flag, scale) pairs in flight to the host
         self._in_flight: list[tuple[list[Tensor], Tensor, Any]] = []
+        # the Triton kernel's device tables, per (param group, device, dtype)
+        self._tables: dict[tuple[int, torch.device, torch.dtype], fused_cuda.Table] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's __getstate__ keeps only defaults, state and param_groups (copy.deepcopy and
@@ -401,7 +416,11 @@ class SGDSaI(Optimizer):
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         foreach = group["foreach"] is not False
         for batch in _group_by_device_and_dtype(params):
-            if self._fused_update(group, batch):
+            if batch[0].device.type in _TRITON_DEVICES:
+                batch = self._triton_update(group, batch)  # the blocks it leaves to foreach
+            elif self._fused_update(group, batch):
+                batch = []
+            if not batch:
                 continue
             # CPU: one in-place addcmul with the 0-dim scale tensors of the state, no temporary.
             # CUDA: a 0-dim tensor list would leave foreach's fast path, so the scales are host
@@ -428,6 +447,37 @@ class SGDSaI(Optimizer):
                 if low_precision:
                     for p, theta in zip(chunk, thetas, strict=True):
                         p.copy_(theta)
+
+    def _triton_update(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """The Triton kernel, in one launch, over the blocks of ``params`` (one device and
+        dtype) that it can stream; returns the others, left to the foreach path.
+
+        Raises:
+            RuntimeError: ``fused=True`` and the kernel cannot be built or launched.
+        """
+        if group["fused"] is False or params[0].dtype not in fused_cuda.DTYPES:
+            return params
+        mu = group["momentum"]
+        moms = {p: self.state[p]["momentum_buffer"] for p in params} if mu != 0 else {}
+        taken, left = [], []
+        for p in params:
+            (taken if fused_cuda.fits(p, p.grad, moms.get(p)) else left).append(p)
+        if not taken:
+            return params
+        table = self._tables.setdefault(
+            (id(group), taken[0].device, taken[0].dtype), fused_cuda.Table()
+        )
+        lr = group["lr"]
+        launched = fused_cuda.step_(
+            table, taken, [p.grad for p in taken], [moms[p] for p in taken] if mu != 0 else None,
+            [self._scales[p] for p in taken],
+            lr=lr, momentum=mu, decay=1.0 - lr * group["weight_decay"], maximize=group["maximize"],
+        )  # fmt: skip
+        if launched:
+            return left
+        if group["fused"]:
+            raise RuntimeError(f"SGDSaI(fused=True): {fused_cuda.failure()}")
+        return params
 
     def _fused_update(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         """The one-pass CPU kernel over ``params`` (one device and dtype) where it applies;

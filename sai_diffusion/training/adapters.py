@@ -133,24 +133,37 @@ def add_adapters(cfg: TrainConfig, concept: Concept, pipe, family: StableDiffusi
 class NormStop:
     """Mix-of-Show's norm threshold: once the mean L2 norm of the words' vectors' rows reaches
     ``limit`` they stop changing (kept as they were at that step). With two text encoders
-    (SDXL) each encoder's vectors stop on their own. The frozen copies are part of the trained
-    state: a resumed run restores them from the vectors (``check`` after loading)."""
+    (SDXL) each encoder's vectors stop on their own. Checked on the device, without waiting
+    for it: ``frozen`` follows the vectors until they stop, then holds them. A resumed run
+    stops them again from the restored vectors (``check`` after loading)."""
 
     def __init__(self, vectors: list[nn.Parameter], limit: float) -> None:
         self.vectors, self.limit = list(vectors), limit
-        self.frozen: list[torch.Tensor | None] = [None] * len(self.vectors)
+        on = limit > 0
+        self.frozen = [v.detach().clone() for v in self.vectors] if on else []
+        self.stopped = [torch.zeros((), dtype=torch.bool, device=v.device)
+                        for v in self.vectors] if on else []  # fmt: skip
+        self.stopped_at = [torch.zeros((), dtype=torch.long, device=v.device)
+                           for v in self.vectors] if on else []  # fmt: skip
+        self._said: set[int] = set()
 
     @torch.no_grad()
-    def check(self) -> bool:
-        """After a step: put the vectors back when stopped, or stop them when they reached the
-        limit now (True then)."""
-        if self.limit <= 0:
-            return False
-        stopped = False
-        for i, vectors in enumerate(self.vectors):
-            if self.frozen[i] is not None:
-                vectors.copy_(self.frozen[i])
-            elif vectors.norm(dim=-1).mean().item() >= self.limit:
-                self.frozen[i] = vectors.detach().clone()
-                stopped = True
-        return stopped
+    def check(self, step: int = 0) -> None:
+        """After step ``step``: put stopped vectors back; stop those that reach the limit now."""
+        for i, vectors in enumerate(self.vectors if self.limit > 0 else []):
+            stopped = self.stopped[i]
+            kept = torch.where(stopped, self.frozen[i], vectors)
+            vectors.copy_(kept)
+            self.frozen[i].copy_(kept)
+            now = ~stopped & (kept.norm(dim=-1).mean() >= self.limit)
+            self.stopped_at[i] = torch.where(now, step, self.stopped_at[i])
+            self.stopped[i] = stopped | now
+
+    def newly_stopped(self) -> list[int]:
+        """The steps at which vectors stopped since the last call (reads the device)."""
+        steps = []
+        for i, stopped in enumerate(self.stopped):
+            if i not in self._said and bool(stopped):
+                self._said.add(i)
+                steps.append(int(self.stopped_at[i]))
+        return steps

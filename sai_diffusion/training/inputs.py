@@ -6,12 +6,18 @@ its centre crop (of its bucket), unflipped and flipped (``LatentCache``); otherw
 example's image is augmented with its own draws (``augment.ConceptImages``) and encoded as it
 trains. Either way an example flips as its ``Draws.flip`` says, so the two paths train the same
 flips.
+
+A micro-batch is made in two halves: ``InputBuilder.prepare`` does the host's work (decode,
+resize, crop, flip and mask each image, stack its draws) into a ``HostBatch``, which worker
+processes can make ahead of the training thread (``feed``); ``InputBuilder.finish`` moves it to
+the device and runs the VAE there. The latent cache lives on the device, and so do the latents
+and masks of every step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -43,7 +49,7 @@ class Inputs:
 class EncodedImages:
     """A set of images encoded once at their centre crop: per image, the posterior's mean and
     std (2, C, h, w), the mask (2, 1, H, W) and the size conditioning (2, 6), unflipped then
-    flipped."""
+    flipped; on the device that encoded them."""
 
     mean: list[torch.Tensor]
     std: list[torch.Tensor]
@@ -62,10 +68,10 @@ def encode_fixed(vae: nn.Module, images: ConceptImages, device) -> EncodedImages
         item = fixed.load(i, geometry=geometry_rng(0, 0, i), flip=False)
         pixels = torch.stack([item["pixel_values"], item["pixel_values"].flip(-1)])
         dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-        out.mean.append(dist.mean.float().cpu())
-        out.std.append(dist.std.float().cpu())
-        out.mask.append(torch.stack([item["mask"], item["mask"].flip(-1)]))
-        out.time_ids.append(torch.stack([item["time_ids"], item["time_ids_mirrored"]]))
+        out.mean.append(dist.mean.float())
+        out.std.append(dist.std.float())
+        out.mask.append(torch.stack([item["mask"], item["mask"].flip(-1)]).to(device))
+        out.time_ids.append(torch.stack([item["time_ids"], item["time_ids_mirrored"]]).to(device))
     return out
 
 
@@ -114,47 +120,125 @@ class InputBuilder:
             self.cache.get("concept", self.images)
 
     def __call__(self, batch: Batch) -> Inputs:
-        parts = [self._part("concept", self.images, None, batch.concept)]
+        return self.finish(self.prepare(batch))
+
+    def prepare(self, batch: Batch) -> HostBatch:
+        """The host's half of ``batch``: its images as tensors (without the cache), its draws
+        stacked. Reads no module: worker processes run it."""
+        parts = [self._host_part("concept", self.images, None, batch.concept)]
         if batch.classes:  # encoded apart, as their own VAE call
             bucketed = batch.size != (self.images.resolution,) * 2
             images = self.class_images.at_size(batch.size) if bucketed else self.class_images
-            parts.append(self._part("class", images, batch.size if bucketed else None,
-                                    batch.classes))  # fmt: skip
-        latents, mask, valid, time_ids = (torch.cat([p[i] for p in parts]) for i in range(4))
+            parts.append(self._host_part("class", images, batch.size if bucketed else None,
+                                         batch.classes))  # fmt: skip
         examples = batch.examples
-        return Inputs(
-            latents=latents * self.scale,
+        return HostBatch(
+            parts=parts,
             noise=torch.stack([d.noise for d in examples]),
             timesteps=torch.tensor([d.timestep for d in examples]),
-            mask=mask,
-            valid=valid if self.keep_valid else None,
             captions=[d.caption for d in examples],
             prior_from=batch.prior_from,
+        )
+
+    def _host_part(
+        self, name: str, images: ConceptImages, size: Size | None, draws: Sequence[Draws]
+    ) -> HostPart:
+        part = HostPart(name, size, posterior=torch.stack([d.posterior for d in draws]),
+                        picks=torch.tensor([[d.index, int(d.flip)] for d in draws]))  # fmt: skip
+        if self.cache is None:
+            items = [images.load(d.index, geometry=d.geometry(), flip=d.flip) for d in draws]
+            part.pixels, part.mask, part.valid, part.time_ids = (
+                torch.stack([it[key] for it in items])
+                for key in ("pixel_values", "mask", "valid", "time_ids")
+            )
+        return part
+
+    def finish(self, host: HostBatch) -> Inputs:
+        """The device's half: ``host`` on the device (non-blocking from pinned memory), the
+        latents from the cache or the VAE, scaled for the UNet."""
+        parts = [self._device_part(part) for part in host.parts]
+        latents, mask, valid, time_ids = (torch.cat([p[i] for p in parts]) for i in range(4))
+        return Inputs(
+            latents=latents * self.scale,
+            noise=_to(host.noise, self.device),
+            timesteps=_to(host.timesteps, self.device),
+            mask=mask,
+            valid=valid if self.keep_valid else None,
+            captions=host.captions,
+            prior_from=host.prior_from,
             time_ids=time_ids,
         )
 
-    def _part(
-        self, name: str, images: ConceptImages, size: Size | None, draws: Sequence[Draws]
+    def _device_part(
+        self, part: HostPart
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latents (b, C, h, w) unscaled, mask (b, 1, H, W), valid (b, 1, H, W), time ids
-        (b, 6)) of ``draws``."""
-        posterior = torch.stack([d.posterior for d in draws])
+        (b, 6)) of ``part``, on the device."""
+        posterior = _to(part.posterior, self.device)
         if self.cache is not None:
-            encoded = self.cache.get(name, images, size)
-            pick = [(d.index, int(d.flip)) for d in draws]  # int: a bool would mask
+            images = self.images if part.name == "concept" else self.class_images
+            if part.size is not None:
+                images = images.at_size(part.size)
+            encoded = self.cache.get(part.name, images, part.size)
+            pick = part.picks.tolist()  # a host tensor: no device read
             mean = torch.stack([encoded.mean[i][f] for i, f in pick])
             std = torch.stack([encoded.std[i][f] for i, f in pick])
             mask = torch.stack([encoded.mask[i][f] for i, f in pick])
             time_ids = torch.stack([encoded.time_ids[i][f] for i, f in pick])
             return mean + std * posterior, mask, torch.ones_like(mask), time_ids
-        items = [images.load(d.index, geometry=d.geometry(), flip=d.flip) for d in draws]
-        pixels = torch.stack([it["pixel_values"] for it in items])
+        pixels = _to(part.pixels, self.device, self.vae.dtype)
         with torch.no_grad():
-            dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-            latents = dist.mean.float().cpu() + dist.std.float().cpu() * posterior
-        mask = torch.stack([it["mask"] for it in items])
-        valid = torch.stack([it["valid"] for it in items])
-        return latents, mask, valid, torch.stack([it["time_ids"] for it in items])
+            dist = self.vae.encode(pixels).latent_dist
+            latents = dist.mean.float() + dist.std.float() * posterior
+        return (latents, _to(part.mask, self.device), _to(part.valid, self.device),
+                _to(part.time_ids, self.device))  # fmt: skip
+
+
+@dataclass
+class HostPart:
+    """The concept's or the class examples of a micro-batch, as the host makes them.
+
+    ``picks`` (b, 2) int64: each example's image and flip (what the cache is read with);
+    without the cache, the augmented images themselves: ``pixels`` (b, 3, H, W), ``mask`` and
+    ``valid`` (b, 1, H, W), ``time_ids`` (b, 6)."""
+
+    name: str  # "concept" or "class"
+    size: Size | None  # the bucket the class images are cropped to, else None
+    posterior: torch.Tensor  # (b, C, h, w) the posterior draws
+    picks: torch.Tensor
+    pixels: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def pin_memory(self) -> HostPart:
+        return replace(self, **{
+            key: value.pin_memory()
+            for key in ("posterior", "pixels", "mask", "valid", "time_ids")
+            if (value := getattr(self, key)) is not None
+        })  # fmt: skip
+
+
+@dataclass
+class HostBatch:
+    """A micro-batch as the host prepares it (``InputBuilder.prepare``): plain CPU tensors and
+    strings, sent from a worker process as they are. ``pin_memory()`` is what a DataLoader
+    with ``pin_memory=True`` calls on it."""
+
+    parts: list[HostPart]
+    noise: torch.Tensor  # (B, C, h, w)
+    timesteps: torch.Tensor  # (B,) int64
+    captions: list[str]
+    prior_from: int
+
+    def pin_memory(self) -> HostBatch:
+        return replace(self, parts=[p.pin_memory() for p in self.parts],
+                       noise=self.noise.pin_memory(), timesteps=self.timesteps.pin_memory())  # fmt: skip
+
+
+def _to(tensor: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor`` on ``device``: asynchronous when it comes from pinned memory."""
+    return tensor.to(device, dtype, non_blocking=tensor.is_pinned())
 
 
 def cached_crops_note(examples: Sequence[Example]) -> str | None:

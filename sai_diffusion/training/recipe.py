@@ -7,17 +7,17 @@
 
 The parts are modules of their own: ``batches`` (which examples a step trains on, and every
 random draw, from the seed alone), ``inputs`` (draws -> latents, noise, masks; the latent
-cache), ``text`` (captions -> the UNet's context; the text cache), ``objective`` (the loss),
-``held_out`` (the validation loss), ``adapters`` (what the run adds to the base model),
-``outputs`` (the files, the EMA), ``checkpoints``, ``schedule`` and ``prior``. What differs
-between model families is asked of ``models.family``.
+cache), ``feed`` (the examples prepared ahead by worker processes), ``text`` (captions -> the
+UNet's context; the text cache), ``objective`` (the loss), ``held_out`` (the validation loss),
+``adapters`` (what the run adds to the base model), ``outputs`` (the files, the EMA),
+``checkpoints``, ``schedule`` and ``prior``. What differs between model families is asked of
+``models.family``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import shlex
 import signal
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..config import BUILTIN_BASE_MODEL, Concept, TrainConfig, inert_settings, validate
 from ..errors import Interrupted, TrainingDiverged, UserError, first_line
 from ..files.concept_data import Example, changed_data, data_fingerprint, discover_examples
-from ..files.lora_files import FileKeys
+from ..files.lora_files import FileKeys, dora_readers_note
 from ..files.run_dir import FINAL_SAMPLES, RunDir, step_tag
 from ..files.run_lock import LOCK_NAME, hold_run_folder
 from ..machine import peak_memory_mb, reset_peak_memory
@@ -52,6 +52,7 @@ from .augment import ConceptImages
 from .batches import Batches, CaptionDraws
 from .buckets import bucket_schedule, bucket_sizes
 from .checkpoints import TrainingState, restore_latest, save_checkpoint
+from .feed import Feed, default_workers
 from .held_out import HeldOut, split_examples
 from .inputs import InputBuilder, LatentCache, cached_crops_note, encode_fixed
 from .interrupts import StopRequests
@@ -80,6 +81,7 @@ class Run:
     lr_scheduler: Any
     batches: Batches
     inputs: InputBuilder
+    feed: Feed  # the inputs of each micro-batch, prepared ahead (``feed``)
     text: CaptionEncoder
     objective: Objective
     norm_stop: NormStop
@@ -88,6 +90,7 @@ class Run:
     held_out: HeldOut | None = None
     ema: EMA | None = None
     step: int = 0
+    data_wait_s: float = 0.0  # how long the last step waited for its inputs
 
     @property
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -150,12 +153,13 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
         loss_scale=cfg.loss.scale, attn_reg_weight=cfg.loss.attn_reg_weight,
         attention=adapters.attention, words=concept.words,
     )  # fmt: skip
+    batches = _batches(cfg, images, classes, pipe, family, scheduler, accelerator)
+    inputs = _inputs(cfg, images, classes, pipe, family, device)
     run = Run(
         cfg=cfg, concept=concept, run_dir=RunDir(run_dir), accelerator=accelerator, pipe=pipe,
         family=family, unet=unet, text_encoders=encoders, adapters=adapters,
-        optimizer=optimizer, lr_scheduler=lr_scheduler,
-        batches=_batches(cfg, images, classes, pipe, family, scheduler, accelerator),
-        inputs=_inputs(cfg, images, classes, pipe, family, device), text=text,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, batches=batches, inputs=inputs,
+        feed=_feed(cfg, batches, inputs, accelerator), text=text,
         objective=objective, norm_stop=NormStop(adapters.vectors, cfg.embeddings.max_norm),
         lr=cfg.resolved_lr(concept), base_fingerprint=fingerprint,
         ema=EMA(adapters.trainable, cfg.ema.decay) if cfg.ema.decay > 0 else None,
@@ -318,6 +322,17 @@ def _inputs(cfg, images, classes, pipe, family, device) -> InputBuilder:
                         keep_valid=cfg.data.augmentation != "crop")  # fmt: skip
 
 
+def _feed(cfg: TrainConfig, batches: Batches, inputs: InputBuilder, accelerator) -> Feed:
+    """The host pipeline: worker processes on a GPU (``feed.default_workers``), as set."""
+    device = accelerator.device
+    workers = cfg.compute.data_workers
+    workers = default_workers(device) if workers is None else workers
+    if workers:
+        accelerator.print(f"data: {workers} worker process(es) prepare the coming steps' examples")
+    return Feed(batches, inputs, grad_accum=cfg.grad_accum, workers=workers,
+                pin_memory=device.type == "cuda")  # fmt: skip
+
+
 @torch.no_grad()
 def _fill_caches(run: Run, held_out: list[Example], classes: list[Example] | None) -> None:
     """Latents when the VAE input is fixed, the held-out images, and the captions' context when
@@ -343,7 +358,8 @@ def _restore(run: Run) -> None:
     run.step = restore_latest(run.run_dir, training_state(run), max_steps=run.cfg.max_steps)
     if run.accelerator.is_main_process:
         run.run_dir.truncate_metrics(run.step)  # the steps after it are trained again
-    run.norm_stop.check()  # a run whose vectors had reached the limit keeps them stopped
+    run.norm_stop.check(run.step)  # a run whose vectors had reached the limit keeps them stopped
+    run.norm_stop.newly_stopped()  # said when they reached it, not again
 
 
 def training_state(run: Run) -> TrainingState:
@@ -366,6 +382,13 @@ def _unwrap_optimizer(optimizer):
 
 
 # ------------------------------------------------------------------------------ the loop
+# A step's loss stays on the device until records are written: reading it every step would
+# make the host wait for the GPU to finish that step before it queues the next. The losses are
+# read (one wait) every SYNC_EVERY steps, and before anything that must not follow a diverged
+# step: a checkpoint, samples, the validation loss, the last step, a stop.
+SYNC_EVERY = 10
+
+
 def train(run: Run) -> None:
     """Train from ``run.step`` to ``max_steps``: log every ``log_every`` steps (and the last),
     sample and checkpoint on schedule, and end with a checkpoint of the last step.
@@ -384,6 +407,8 @@ def train(run: Run) -> None:
             _loop(run, bar, log, stops)
         except KeyboardInterrupt:  # the second signal
             raise Interrupted(_aborted_message(run), signal.SIGINT) from None
+        finally:
+            run.feed.close()
     latest = run.run_dir.latest_checkpoint()
     if latest is None or latest[0] != run.step:
         checkpoint(run)
@@ -392,30 +417,79 @@ def train(run: Run) -> None:
 def _loop(run: Run, bar, log: MetricsLog, stops: StopRequests) -> None:
     """The steps, each logged, sampled and checkpointed on schedule; a stop request ends the
     loop after the step in flight, with a checkpoint of it."""
-    cfg = run.cfg
+    cfg, acc = run.cfg, run.accelerator
+    pending: list[tuple[torch.Tensor, dict[str, Any]]] = []  # (loss on the device, record)
     while run.step < cfg.max_steps:
         start = time.perf_counter()
-        loss = train_step(run)
-        record = _record(run, loss, time.perf_counter() - start)
-        last = run.step == cfg.max_steps
-        if run.held_out and (run.step % cfg.validation.loss_every == 0 or last):
-            record["val_loss"] = validation_loss(run)
-        if run.step % cfg.log_every == 0 or last or "val_loss" in record:
-            log.write(record)
-        shown = {"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}
-        bar.set_postfix(loss=f"{loss:.4f}", **shown)
+        loss = _step(run)
+        pending.append((loss, _record(run, time.perf_counter() - start)))
         bar.update(1)
+        last = run.step == cfg.max_steps
         every = cfg.validation.samples_every
-        if every and run.step % every == 0 and not last:  # the last step: samples/final
+        samples = bool(every) and run.step % every == 0 and not last  # the last: samples/final
+        saves = bool(cfg.checkpoints.every) and run.step % cfg.checkpoints.every == 0
+        validates = run.held_out is not None and (run.step % cfg.validation.loss_every == 0
+                                                  or last)  # fmt: skip
+        # one process stops at once; several agree where they all read their losses
+        signum = stops.signum if acc.num_processes == 1 else 0
+        if not (last or samples or saves or validates or signum or len(pending) >= SYNC_EVERY):
+            continue
+        _write_records(run, pending, log, bar, validates=validates)
+        pending = []
+        if samples:
             validate_samples(run)
-        if cfg.checkpoints.every and run.step % cfg.checkpoints.every == 0:
+        if saves:
             checkpoint(run)
-        signum = stops.agreed(run.accelerator)
+        signum = stops.agreed(acc)
         if signum:
             latest = run.run_dir.latest_checkpoint()
             if latest is None or latest[0] != run.step:
                 checkpoint(run)
             raise Interrupted(_stopped_message(run, signum), signum)
+
+
+def _write_records(run: Run, pending: list, log: MetricsLog, bar, *, validates: bool) -> None:
+    """Read the pending steps' losses (one wait for the device), stop at the first non-finite
+    one, then write the records due: every ``log_every`` steps, the last, the validated."""
+    cfg = run.cfg
+    per_rank = _per_rank_losses(run, [loss for loss, _ in pending])
+    for (_, record), of_ranks in zip(pending, per_rank.T, strict=True):
+        _check_finite(run, record["step"], of_ranks)
+    losses = per_rank.mean(dim=0).tolist()
+    if validates:
+        pending[-1][1]["val_loss"] = validation_loss(run)
+    for value, (_, record) in zip(losses, pending, strict=True):
+        record = {"step": record["step"], "loss": value} | record
+        if (
+            record["step"] % cfg.log_every == 0
+            or record["step"] == cfg.max_steps
+            or ("val_loss" in record)
+        ):
+            log.write(record)
+    for step in run.norm_stop.newly_stopped():
+        run.accelerator.print(f"step {step}: the token vectors' mean norm reached "
+                              f"embeddings_max_norm {cfg.embeddings.max_norm:g}; they are kept "
+                              "from here on")  # fmt: skip
+    record = pending[-1][1]
+    shown = {"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}
+    bar.set_postfix(loss=f"{losses[-1]:.4f}", **shown)
+
+
+def _per_rank_losses(run: Run, losses: list[torch.Tensor]) -> torch.Tensor:
+    """(ranks, steps) on the host: each process's loss of each step (the sum of its micro-batch
+    losses), read back in one go; the global batch's loss is the mean over ranks. Every rank
+    sees every rank's losses, so a NaN anywhere stops all of them at the same step (one rank
+    stopping alone would leave the others in the next all-reduce)."""
+    acc = run.accelerator
+    return acc.gather(torch.stack(losses)[None].to(acc.device)).cpu()
+
+
+def _check_finite(run: Run, step: int, of_ranks: torch.Tensor) -> None:
+    """Raises TrainingDiverged if a rank's loss of ``step`` is NaN or inf."""
+    finite = torch.isfinite(of_ranks)
+    if not finite.all():
+        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        raise TrainingDiverged(_diverged_message(run, step, float(of_ranks.mean()), bad))
 
 
 def _stopped_message(run: Run, signum: int) -> str:
@@ -440,29 +514,44 @@ def _resume_command(run: Run) -> str:
     return f"sai-train-lora --resume {shlex.quote(str(run.run_dir.path))}"
 
 
-def _record(run: Run, loss: float, seconds: float) -> dict[str, Any]:
-    """The step's metrics.jsonl record: loss, time, each group's lr, the peak memory so far;
-    with fp16's loss scaling, the scale after the step and whether the step was skipped (an
-    inf or NaN gradient: the optimizer did not step)."""
+def _record(run: Run, seconds: float) -> dict[str, Any]:
+    """The step's metrics.jsonl record, its loss added when read: time (the host's: a GPU step
+    is asynchronous, so over several steps it is the device's), the time it waited for its
+    inputs, each group's lr, the peak memory so far; with fp16's loss scaling, the scale after
+    the step and whether the step was skipped (an inf or NaN gradient: the optimizer did not
+    step)."""
     groups = run.optimizer.param_groups
-    record = {"step": run.step, "loss": loss, "step_time": seconds,
+    record = {"step": run.step, "step_time": seconds, "data_wait": run.data_wait_s,
               "lr": {g.get("name", str(i)): g["lr"] for i, g in enumerate(groups)},
               "peak_mem_mb": peak_memory_mb(run.accelerator.device)}  # fmt: skip
     scaler = run.accelerator.scaler
-    if scaler is not None:
+    if scaler is not None:  # GradScaler.step has read the device already: no extra wait
         record["loss_scale"] = scaler.get_scale()
         record["skipped"] = bool(getattr(run.optimizer, "step_was_skipped", False))
     return record
 
 
 def train_step(run: Run) -> float:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the loss of the global
-    batch (the mean over processes of each one's summed micro-batch losses)."""
+    """One optimizer step over ``grad_accum`` micro-batches, its loss read back (the loop reads
+    losses in batches instead, ``SYNC_EVERY``).
+
+    Raises:
+        TrainingDiverged: the loss is NaN or inf.
+    """
+    per_rank = _per_rank_losses(run, [_step(run)])[:, 0]
+    _check_finite(run, run.step, per_rank)
+    return float(per_rank.mean())
+
+
+def _step(run: Run) -> torch.Tensor:
+    """One optimizer step over ``grad_accum`` micro-batches, without waiting for the device;
+    returns this process's loss (the sum of its micro-batch losses) on the device."""
     cfg, acc = run.cfg, run.accelerator
     trained = run.trained_modules()
-    losses = []
+    losses, waited = [], 0.0
     for micro in range(cfg.grad_accum):
-        inputs = run.inputs(run.batches.batch(run.step, micro))
+        inputs = run.feed.inputs(run.step, micro)
+        waited += run.feed.waited
         with contextlib.ExitStack() as stack:
             # gradients are all-reduced once, on the last micro-batch, for every DDP module
             if micro < cfg.grad_accum - 1 and acc.num_processes > 1:
@@ -472,25 +561,17 @@ def train_step(run: Run) -> float:
                 micro_loss = run.objective(run.unet, run.text, inputs) / cfg.grad_accum
             acc.backward(micro_loss)
         losses.append(micro_loss.detach().float())
-    # one host sync per step; every rank sees every rank's loss, so a NaN anywhere stops all of
-    # them at this step (one rank stopping alone would leave the others in the next all-reduce)
-    per_rank = acc.gather(torch.stack(losses).sum()[None].to(acc.device)).cpu()  # (ranks,)
-    loss = per_rank.mean().item()
-    if not math.isfinite(loss):
-        bad = [i for i, v in enumerate(per_rank.tolist()) if not math.isfinite(v)]
-        raise TrainingDiverged(_diverged_message(run, loss, bad_ranks=bad))
+    run.data_wait_s = waited
     if cfg.optimizer.max_grad_norm > 0:
         acc.clip_grad_norm_(list(run.trainable.values()), cfg.optimizer.max_grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if run.norm_stop.check():
-        acc.print(f"step {run.step + 1}: the token vectors' mean norm reached "
-                  f"embeddings_max_norm {cfg.embeddings.max_norm:g}; they are kept from here on")  # fmt: skip
+    run.norm_stop.check(run.step + 1)
     if run.ema is not None:
         run.ema.update()
     run.step += 1
-    return loss
+    return torch.stack(losses).sum()
 
 
 @torch.no_grad()
@@ -501,7 +582,7 @@ def validation_loss(run: Run) -> float:
         return run.held_out.loss(run.objective, run.unet, run.text)
 
 
-def _diverged_message(run: Run, loss: float, *, bad_ranks: list[int]) -> str:
+def _diverged_message(run: Run, step: int, loss: float, bad_ranks: list[int]) -> str:
     last = run.run_dir.latest_checkpoint()
     kept = (
         f"the last good checkpoint is {last[1].path}" if last else "no checkpoint was written yet"
@@ -509,7 +590,7 @@ def _diverged_message(run: Run, loss: float, *, bad_ranks: list[int]) -> str:
     processes = run.accelerator.num_processes
     where = f" (on rank {', '.join(map(str, bad_ranks))} of {processes})" if processes > 1 else ""
     return (
-        f"the loss became {loss} at step {run.step + 1}{where}; training stopped and {kept}. "
+        f"the loss became {loss} at step {step}{where}; training stopped and {kept}. "
         f"Lower the learning rate (now {run.lr:g}, --lr) or use --set mixed_precision=no"
     )
 
@@ -567,6 +648,8 @@ def save_outputs(run: Run) -> dict[str, Path]:
     # what a loader must know to use the LoRA with the right model and sampler
     header |= {"sai_model_family": run.family.name,
                "sai_prediction_type": run.objective.scheduler.config.prediction_type}  # fmt: skip
+    if run.cfg.lora.dora:  # measured: not every tool reads a DoRA file right
+        acc.print(dora_readers_note(run.family.name))
     try:
         trained = Trained(_plain(run, run.unet), encoders["text_encoder"], run.pipe.tokenizer,
                           run.concept.words, run.adapters, _file_keys(run),

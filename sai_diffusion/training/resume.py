@@ -2,7 +2,7 @@
 
 ``--resume RUN_DIR`` appended to the command that started the run is accepted (what people type
 after a crash); a setting that differs from the run's ``run.yaml`` is refused, naming both
-values, and only the length (``--max-steps``) may change. ``--resume latest`` picks the run
+values, and only the length (``--max-steps``) and ``RESULT_NEUTRAL`` settings may change. ``--resume latest`` picks the run
 under ``--output-dir`` (default ``runs/``) whose run.yaml changed last, among those with
 checkpoints.
 
@@ -27,6 +27,9 @@ from ..config import (
 from ..config import validate as validate_settings
 from ..errors import UserError
 from ..files.run_dir import RUN_FILE, RunDir, latest_run
+
+# settings that change how fast a run goes, never what it trains: a resumed run may change them
+RESULT_NEUTRAL = ("compute.data_workers",)
 
 
 def resume_dir(value: str, output_dir: str | None) -> Path:
@@ -81,6 +84,9 @@ def resumed_settings(
     given: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     given = setting_paths(given | parse_set(set_items), "command line")
     max_steps = given.pop("max_steps", None)
+    # how many processes prepare the examples changes nothing they contain: another machine
+    # may resume with another count
+    neutral = {path: given.pop(path) for path in RESULT_NEUTRAL if path in given}
     probe = apply_overrides(copy.deepcopy(cfg), given, "command line")
 
     def value(c: TrainConfig, path: str) -> object:  # lr: the one the run trains at
@@ -94,9 +100,10 @@ def resumed_settings(
     if differ:
         raise UserError(
             f"--resume {run.path}: the command differs from the run's {RUN_FILE} "
-            f"({'; '.join(differ)}); a resumed run keeps its settings (only --max-steps may "
-            "change): drop these, or start a new run in another --output-dir"
+            f"({'; '.join(differ)}); a resumed run keeps its settings (only --max-steps and "
+            "data_workers may change): drop these, or start a new run in another --output-dir"
         )
     if max_steps is not None:
         apply_overrides(cfg, {"max_steps": max_steps}, "command line")
+    apply_overrides(cfg, neutral, "command line")
     return validate_settings(cfg, str(run.run_yaml)), concept

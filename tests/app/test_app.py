@@ -197,7 +197,7 @@ def test_browser_opens_ready_generates_and_shows_curves(server, runs_dir, tmp_pa
             page.wait_for_selector("#gsnr-plot img", timeout=20_000)
             page.wait_for_selector("#alignment-plot img", timeout=20_000)
             for header in ("text alignment (CLIP-T)", "image alignment (CLIP-I)",
-                           "concept fidelity", "peak memory (MiB)"):  # fmt: skip
+                           "concept fidelity", "peak memory (MiB)", "waiting for data (s)"):  # fmt: skip
                 assert header in page.content(), header
             page.screenshot(path=str(tmp_path / "training.png"), full_page=True)
 

@@ -111,12 +111,13 @@ def test_state_bytes_measured_or_estimated(tmp_path: Path):
     assert views.run_cost(run).state_bytes == 3 * 4  # the newest checkpoint counts
 
     (run / "metrics.jsonl").write_text(
-        json.dumps({"step": 1, "step_time": 0.3, "peak_mem_mb": 10})
+        json.dumps({"step": 1, "step_time": 0.3, "data_wait": 0.02, "peak_mem_mb": 10})
         + "\n"
-        + json.dumps({"step": 2, "step_time": 0.1, "peak_mem_mb": 12})
+        + json.dumps({"step": 2, "step_time": 0.1, "data_wait": 0.04, "peak_mem_mb": 12})
         + "\n"
     )
     cost = views.run_cost(run, optimizer="adamw")
     assert cost.steps_logged == 2
     assert cost.median_step_time == pytest.approx(0.2) and cost.peak_mem_mb == 12
+    assert cost.median_data_wait == pytest.approx(0.03)
     assert views.format_bytes(3 * 2**20) == "3.0 MiB" and views.format_bytes(None) == "–"

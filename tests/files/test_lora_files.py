@@ -19,7 +19,13 @@ import safetensors.torch
 import torch
 
 from sai_diffusion.errors import UserError
-from sai_diffusion.files.lora_files import save_embeddings, save_lora
+from sai_diffusion.files.lora_files import (
+    diffusers_key,
+    dora_readers_note,
+    parse_diffusers_key,
+    save_embeddings,
+    save_lora,
+)
 from sai_diffusion.models.inference import load_run
 from sai_diffusion.models.lora import add_lora
 from sai_diffusion.models.tokens import add_concept_tokens, make_token_embeddings_trainable
@@ -113,15 +119,13 @@ def test_diffusers_file_loads_at_the_trained_strength_with_its_header_ignored(
     assert_outputs_close(outputs(pipe), trained.reference)
 
     kohya = safetensors.torch.load_file(trained.run_dir / KOHYA_FILE)
-    for diffusers_key, kohya_key in [
-        ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora",
+    for layer_key, kohya_key in [
+        ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora",
          "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"),
         ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer",
          "lora_te_text_model_encoder_layers_0_self_attn_q_proj"),
     ]:  # fmt: skip
-        blind_delta = (
-            tensors[f"{diffusers_key}.up.weight"] @ tensors[f"{diffusers_key}.down.weight"]
-        )
+        blind_delta = tensors[f"{layer_key}.up.weight"] @ tensors[f"{layer_key}.down.weight"]
         rank = kohya[f"{kohya_key}.lora_down.weight"].shape[0]
         trained_delta = (kohya[f"{kohya_key}.alpha"] / rank) * (
             kohya[f"{kohya_key}.lora_up.weight"] @ kohya[f"{kohya_key}.lora_down.weight"]
@@ -158,10 +162,12 @@ def test_file_keys_counts_and_alphas(trained):
 
     diffusers = safetensors.torch.load_file(trained.run_dir / LORA_FILE)
     assert len(diffusers) == 2 * (trained.n_unet + trained.n_text)
-    assert (
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight"
-        in diffusers
-    )
+    # the UNet's attention projections under their processors' names (ComfyUI's and
+    # diffusers' common spelling: lora_files' docstring)
+    attn1 = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
+    assert {f"{attn1}.to_q_lora.down.weight", f"{attn1}.to_out_lora.up.weight"} <= set(diffusers)
+    assert all(diffusers_key(*parse_diffusers_key(key)) == key for key in diffusers)
+    assert parse_diffusers_key(f"{attn1}.to_out_lora.up.weight")[1].endswith("attn1.to_out.0")
     assert (
         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight"
         in diffusers
@@ -288,3 +294,18 @@ def test_save_lora_refuses_an_alpha_that_would_mis_scale_the_files(tiny_pipeline
     with pytest.raises(TypeError, match="str to str"):
         save_lora(tmp_path, unet=unet, rank=2, alpha=1, metadata={"max_train_steps": 20})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_dora_note_names_every_tool_of_the_table_and_the_file_each_reads_right():
+    """A DoRA run prints it once (training.recipe); its facts are docs/file-formats.md's
+    measured DoRA rows."""
+    note = dora_readers_note("sd1")
+    right, wrong = note.split("\n  wrong:")
+    assert "lora_kohya.safetensors in ComfyUI" in right and "load_run" in right
+    for tool in ("diffusers 0.42", "ComfyUI, lora.safetensors", "kohya sd-scripts", "A1111",
+                 "LyCORIS"):  # fmt: skip
+        assert tool in wrong, tool
+    assert "Forge" in note.rsplit("not measured", 1)[1]
+    assert "text encoders' DoRA" in dora_readers_note("sdxl")
+    with pytest.raises(ValueError, match="sd1, sd2 or sdxl"):
+        dora_readers_note("flux")

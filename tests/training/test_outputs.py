@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from sai_diffusion.files.lora_files import diffusers_key
 from sai_diffusion.files.run_dir import RunDir
 from sai_diffusion.models.inference import load_run
 from sai_diffusion.training import recipe
@@ -75,7 +76,7 @@ def test_the_ema_is_the_average_of_the_steps_and_its_files_load_in_diffusers(
     assert ema.lora.is_file() and ema.kohya.is_file() and ema.embeddings.is_file()
     # the files hold the averages: an up factor, alpha / rank folded in (lora_files' rule)
     name = next(n for n in run.trainable if n.startswith("unet.") and ".lora_B." in n)
-    key = "unet." + name[len("unet.") :].replace(".lora_B.default.weight", ".lora.up.weight")
+    key = diffusers_key("unet", name[len("unet.") :].removesuffix(".lora_B.default.weight"), "up")
     scale = run.cfg.lora.alpha / run.cfg.lora.rank
     want = run.ema.average[name] * scale
     torch.testing.assert_close(load_file(ema.lora)[key], want, rtol=0, atol=1e-7)

@@ -87,13 +87,13 @@ def test_an_inf_gradient_skips_the_step_and_sgd_sai_starts_at_the_next(concept, 
     scale = run.accelerator.scaler.get_scale()
     recipe.train_step(run)
     handle.remove()
-    record = recipe._record(run, 0.0, 0.0)
+    record = recipe._record(run, 0.0)
     assert record["skipped"] is True and record["loss_scale"] == scale / 2
     assert all(torch.equal(before[n], p) for n, p in run.trainable.items())
     sgd_sai = run.optimizer.optimizer
     assert not any(r["initialised"] for r in sgd_sai.gsnr_table())
     recipe.train_step(run)
-    assert recipe._record(run, 0.0, 0.0)["skipped"] is False
+    assert recipe._record(run, 0.0)["skipped"] is False
     rows = {r["name"]: r for r in sgd_sai.gsnr_table({p: n for n, p in run.trainable.items()})}
     assert rows[name]["initialised"] and rows[name]["gsnr"] < 1e4  # unscaled: no 2**16 in it
     assert not torch.equal(before[name], victim)

@@ -37,7 +37,7 @@ def test_the_command_that_started_the_run_resumes_it_and_only_the_length_may_cha
     message = str(info.value)
     assert "lora.rank (rank): 8 in run.yaml, 4 given" in message
     assert "optimizer.schedule (lr_scheduler): 'linear' in run.yaml, 'cosine' given" in message
-    assert "only --max-steps may change" in message
+    assert "only --max-steps and data_workers may change" in message
     concept.write_text(concept.read_text() + "train: {rank: 2}\n")  # the concept file changed
     with pytest.raises(UserError, match="train.rank: None when the run started, 2 now"):
         resumed_settings(run, str(concept), FLAGS, [])
