@@ -39,6 +39,7 @@ class Comparison:
     rows: dict[str, list[Image.Image]]  # run name (or BASE_ROW) -> one image per seed
     labels: dict[str, str]  # the rows' labels (newlines allowed)
     grid: Image.Image
+    title: str = ""  # the grid's heading: the prompt as the runs read it (``shown_prompt``)
 
     def items(self) -> list[tuple[Image.Image, str]]:
         """Every image with a one-line caption: ``sgd-sai · lr 0.1 · 500 steps · seed 2``."""
@@ -136,7 +137,8 @@ class Comparer:
     ) -> Comparison:
         """``generate`` (same ``settings``), then the labelled grid: one row per run (in
         ``order``, run folders, when given; else ``self.runs``' order), then the base row, one
-        column per seed, under ``title`` (default: the prompt)."""
+        column per seed, under ``title`` (default: the prompt), ``{token}`` shown as the runs'
+        token (``shown_prompt``)."""
         rows = self.generate(prompt, seeds, **settings)
         if order is not None:
             name_of = {r.path: r.name for r in self.runs}
@@ -144,8 +146,15 @@ class Comparer:
             rows = {n: rows[n] for n in [*names, *(k for k in rows if k not in names)]}
         labels = row_labels(self.runs, with_base=BASE_ROW in rows)
         columns = [f"seed {s}" for s in seeds]
-        grid = make_grid(rows, row_labels=labels, col_labels=columns, title=title or prompt)
-        return Comparison(prompt, list(seeds), rows, labels, grid)
+        heading = self.shown_prompt(title or prompt)
+        grid = make_grid(rows, row_labels=labels, col_labels=columns, title=heading)
+        return Comparison(prompt, list(seeds), rows, labels, grid, heading)
+
+    def shown_prompt(self, text: str) -> str:
+        """``text`` as the runs' rows read it: ``{token}`` as their token ("<a> / <b>" when
+        they differ), so that a grid's heading is the prompt the images were drawn from."""
+        tokens = dict.fromkeys(run.token for run in self.runs)  # in order, once each
+        return text.replace("{token}", " / ".join(tokens))
 
     def base_prompt(self, prompt: str) -> str:
         """The prompt of the base row: ``{token}`` and every run's token read as the class word

@@ -87,9 +87,11 @@ def test_grid_has_one_labelled_tile_per_run_and_seed(comparer):
     assert labels == row_labels(comparer.runs, with_base=True)
     assert labels["sgd-sai"] == "sgd-sai\nlr 0.05\n2 steps" and labels["adamw"].startswith("adamw")
     columns = [f"seed {s}" for s in SEEDS]
+    # the heading is the prompt the images were drawn from, the runs' token in it
+    assert shown.title == "a pencil sketch of <Vthing>"
     assert pixels(grid) == pixels(make_grid(images, row_labels=labels, col_labels=columns,
-                                            title=PROMPT))  # fmt: skip
-    layout = grid_layout(images, row_labels=labels, col_labels=columns, title=PROMPT)
+                                            title=shown.title))  # fmt: skip
+    layout = grid_layout(images, row_labels=labels, col_labels=columns, title=shown.title)
     assert layout.left > 0 and layout.top > 0  # room for the labels
     assert grid.size == (layout.left + 3 * 64, layout.top + 3 * 64)
     for i, row in enumerate(images.values()):
@@ -110,7 +112,7 @@ def test_compare_shows_the_runs_in_the_order_asked(comparer, runs):
     shown = comparer.compare(PROMPT, [1], order=[runs["adamw"], runs["sgd-sai"]], with_base=True,
                              title="picked", **SAMPLE)  # fmt: skip
     assert list(shown.rows) == ["adamw", "sgd-sai", BASE_ROW]
-    plain = comparer.compare(PROMPT, [1], with_base=True, **SAMPLE)
+    plain = comparer.compare(PROMPT, [1], with_base=True, title="plain", **SAMPLE)
     assert pixels(shown.rows["adamw"][0]) == pixels(plain.rows["adamw"][0])
     assert shown.grid.size[1] == plain.grid.size[1]  # the same one-line title band
 
