@@ -32,12 +32,15 @@ from .inputs import HostBatch, InputBuilder, Inputs
 PREFETCH_PER_WORKER = 2
 
 
-def default_workers(device: torch.device) -> int:
-    """``data_workers`` left unset: on a GPU, worker processes (up to 4, one core left to the
-    training thread); on the CPU none, since the workers would take the cores that train."""
+def default_workers(device: torch.device, cpus: int | None = None) -> int:
+    """``data_workers`` left unset: on a GPU, worker processes (up to 4 per training process,
+    the machine's cores shared among its training processes, one core each left to them); on
+    the CPU none, since the workers would take the cores that train."""
     if device.type == "cpu" or not _can_fork():
         return 0
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # set by accelerate / torchrun
+    per_process = (cpus or os.cpu_count() or 2) // local
+    return max(1, min(4, per_process - 1))
 
 
 def _can_fork() -> bool:

@@ -126,3 +126,17 @@ def test_ctrl_c_in_a_terminal_stops_the_run_with_its_workers_alive(concept, tiny
     time.sleep(1)  # the workers' own exit
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)  # nobody of the group is left
+
+
+def test_the_default_worker_count_shares_the_cores_among_the_gpus(monkeypatch):
+    """Unset, data_workers is 0 on the CPU and, on a GPU, up to 4 per training process with the
+    machine's cores divided among the processes of the machine (one left to each)."""
+    from sai_diffusion.training.feed import default_workers
+
+    cuda = torch.device("cuda")
+    assert default_workers(torch.device("cpu"), cpus=64) == 0
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers(cuda, cpus=16) == 4 and default_workers(cuda, cpus=3) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers(cuda, cpus=16) == 1 and default_workers(cuda, cpus=32) == 3
+    assert default_workers(cuda, cpus=4) == 1  # never none on a GPU
