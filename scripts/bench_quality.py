@@ -17,7 +17,9 @@ mean over seeds, +- std over seeds) and an Avg (mean over the whole lr grid, +- 
 seeds of the grid averages): Peak says how good it can be, Avg how forgiving it is.
 
 Runs go to ``--out`` (one folder each, plus results.jsonl with one line per finished run); a
-second call skips the runs already in results.jsonl, so an interrupted benchmark resumes.
+second call skips the runs already in results.jsonl, so an interrupted benchmark resumes, and
+scores again (without training) any finished run whose line lacks a figure this version
+measures, such as the shape fits added after a grid was trained.
 ``--workers`` processes train side by side with one torch thread each. Writes results.md
 (table) and quality.png (fidelity against lr) next to them.
 """
@@ -40,12 +42,18 @@ from pathlib import Path
 from sai_diffusion import config
 from sai_diffusion.errors import TrainingDiverged, UserError
 from sai_diffusion.files.run_dir import RunDir
+from sai_diffusion.fsutil import atomic_write_text
 from sai_diffusion.miniature.concept import judged_object, judges
 from sai_diffusion.optim import OPTIMIZERS
 
 DEFAULT_OPTIMIZERS = tuple(o for o in OPTIMIZERS if o != "scaled-sgd")  # the paper's four
 JUDGE_METRICS = ("concept_fidelity", "prompt_fidelity")
-SHORT = {"concept_fidelity": "concept", "prompt_fidelity": "prompt", "clip_t": "CLIP-T",
+# the shape fits (miniature/evaluate.py): how heart-like the drawn objects are, by geometry
+SHAPE_METRICS = ("shape_iou", "class_shape_iou", "shape_share")
+# recorded per run but given no Peak / Avg: a lower class-shape fit is not "worse"
+UNRANKED = ("class_shape_iou",)
+SHORT = {"concept_fidelity": "concept", "prompt_fidelity": "prompt", "shape_iou": "shape IoU",
+         "class_shape_iou": "class-shape IoU", "shape_share": "shape share", "clip_t": "CLIP-T",
          "clip_i": "CLIP-I", "dino": "DINO"}  # fmt: skip
 
 
@@ -53,7 +61,7 @@ def metrics_of(args) -> tuple[str, ...]:
     """The judge's figures for a miniature-world concept, CLIP's (and DINO's) when asked."""
     clip = ("clip_t", "clip_i") if args.clip_model else ()
     dino = ("dino",) if args.clip_model and (args.dino_model or "").lower() != "none" else ()
-    return (*(JUDGE_METRICS if args.judged else ()), *clip, *dino)
+    return (*(JUDGE_METRICS + SHAPE_METRICS if args.judged else ()), *clip, *dino)
 
 
 def scorer_of(args) -> dict | None:
@@ -115,9 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     done = {_key(r) for r in _read_results(results_path)}
     jobs = [(o, lr, s) for o in optimizers for lr in lrs for s in seeds
             if _key({"optimizer": o, "lr": lr, "seed": s}) not in done]  # fmt: skip
-    print(f"{len(jobs)} runs to train ({len(done)} already in {results_path})", flush=True)
+    metrics = metrics_of(args)
+    stale = [r for r in _read_results(results_path) if not r.get("diverged")
+             and any(m not in r for m in metrics) and Path(r["run"]).is_dir()]  # fmt: skip
+    print(f"{len(jobs)} runs to train, {len(stale)} to score again ({len(done)} already in "
+          f"{results_path})", flush=True)  # fmt: skip
 
     started = time.perf_counter()
+    if stale:
+        _rescore(args, stale, eval_seeds, metrics, results_path)
     with ProcessPoolExecutor(max_workers=args.workers, initializer=_one_thread) as pool:
         futures = [pool.submit(train_and_score, args.concept, *job, args.steps, args.out,
                                eval_seeds, args.set_items, args.base_model, scorer_of(args),
@@ -134,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
 
     results = [r for r in _read_results(results_path)
                if r["optimizer"] in optimizers and r["lr"] in lrs and r["seed"] in seeds]  # fmt: skip
-    metrics = metrics_of(args)
     base = _base_scores(args, results, eval_seeds)
     table = summarise(results, optimizers, metrics)
     markdown = render_markdown(table, results, base, args, time.perf_counter() - started, metrics)
@@ -209,6 +222,27 @@ def _score(run_dir: Path, concept, scorer: dict | None, eval_seeds, *, with_base
                     write=False)  # fmt: skip
 
 
+def score_again(result: dict, eval_seeds, scorer: dict | None, metrics) -> dict:
+    """``result`` with every figure of ``metrics`` measured anew from its run folder."""
+    _, concept, _ = RunDir(result["run"]).read_config()
+    report = _score(Path(result["run"]), concept, scorer, eval_seeds, with_base=False)
+    return {**result, **{m: report[m] for m in metrics}}
+
+
+def _rescore(args, stale: list[dict], eval_seeds, metrics, results_path: Path) -> None:
+    """Score ``stale`` runs again in the workers and rewrite their lines of results.jsonl."""
+    fresh = {}
+    with ProcessPoolExecutor(max_workers=args.workers, initializer=_one_thread) as pool:
+        futures = [pool.submit(score_again, r, eval_seeds, scorer_of(args), metrics)
+                   for r in stale]  # fmt: skip
+        for i, future in enumerate(as_completed(futures), 1):
+            result = future.result()
+            fresh[_key(result)] = result
+            print(f"[scored again {i}/{len(stale)}] {_describe(result, metrics)}", flush=True)
+    lines = [fresh.get(_key(r), r) for r in _read_results(results_path)]
+    atomic_write_text(results_path, "".join(json.dumps(r) + "\n" for r in lines))
+
+
 def _final_loss(run_dir: Path) -> float | None:
     """Mean loss over the last 50 logged steps."""
     losses = [r["loss"] for r in RunDir(run_dir).read_metrics()[-50:] if "loss" in r]
@@ -220,7 +254,7 @@ def _base_scores(args, results: list[dict], eval_seeds: list[int] | None) -> dic
     path = args.out / "base.json"
     if path.is_file():
         cached = json.loads(path.read_text(encoding="utf-8"))
-        if cached.get("eval_seeds") == eval_seeds:
+        if cached.get("eval_seeds") == eval_seeds and all(m in cached for m in metrics_of(args)):
             return cached
     finished = [r for r in results if not r.get("diverged")]
     if not finished:
@@ -228,7 +262,7 @@ def _base_scores(args, results: list[dict], eval_seeds: list[int] | None) -> dic
     run = Path(finished[0]["run"])
     _, concept, _ = RunDir(run).read_config()
     report = _score(run, concept, scorer_of(args), eval_seeds, with_base=True)
-    base = {m: report[f"base_{m}"] for m in metrics_of(args)}
+    base = {m: report.get(f"base_{m}") for m in metrics_of(args)}
     path.write_text(json.dumps({**base, "eval_seeds": eval_seeds}) + "\n", encoding="utf-8")
     return base
 
@@ -247,12 +281,13 @@ def summarise(
         lrs = sorted({r["lr"] for r in mine})
         seeds = sorted({r["seed"] for r in mine})
         row = {"runs": len(mine), "diverged": sum(bool(r.get("diverged")) for r in mine)}
-        for metric in metrics:
-            by_lr = {lr: [r[metric] for r in mine if r["lr"] == lr] for lr in lrs}
-            means = {lr: statistics.fmean(v) for lr, v in by_lr.items()}
-            best = max(lrs, key=lambda lr: (means[lr], -lr))
-            per_seed = [statistics.fmean(r[metric] for r in mine if r["seed"] == s)
-                        for s in seeds]  # fmt: skip
+        for metric in (m for m in metrics if m not in UNRANKED):
+            by_lr = {lr: _figures(mine, metric, lr=lr) for lr in lrs}
+            means = {lr: statistics.fmean(v) for lr, v in by_lr.items() if v}
+            if not means:
+                continue
+            best = max(means, key=lambda lr: (means[lr], -lr))
+            per_seed = [statistics.fmean(v) for s in seeds if (v := _figures(mine, metric, seed=s))]
             row[metric] = {
                 "peak": means[best],
                 "peak_std": _std(by_lr[best]),
@@ -263,6 +298,25 @@ def summarise(
             }
         table[opt] = row
     return table
+
+
+def _ranked(metrics: tuple[str, ...], table: dict | None = None) -> tuple[str, ...]:
+    """The metrics with a Peak and Avg (in every row of ``table``, when given)."""
+    return tuple(m for m in metrics if m not in UNRANKED
+                 and (table is None or all(m in row for row in table.values())))  # fmt: skip
+
+
+def _figures(results: list[dict], metric: str, *, lr=None, seed=None) -> list[float]:
+    """``metric`` of the runs at ``lr`` (or of ``seed``): 0 for a diverged run, none for a run
+    that did not measure it (a line from before the figure existed, its folder gone)."""
+    out = []
+    for r in results:
+        if (lr is not None and r["lr"] != lr) or (seed is not None and r["seed"] != seed):
+            continue
+        value = 0.0 if r.get("diverged") else r.get(metric)
+        if value is not None:
+            out.append(value)
+    return out
 
 
 def _std(values: list[float]) -> float:
@@ -276,6 +330,7 @@ def render_markdown(
     from sai_diffusion.machine import describe_machine  # torch: only once the workers are done
 
     machine = describe_machine()
+    metrics = _ranked(metrics, table)
     first = metrics[0]
     heads = "".join(f" Peak {SHORT[m]} | Avg {SHORT[m]} |" for m in metrics)
     lines = [
@@ -292,7 +347,8 @@ def render_markdown(
             f"| {opt} |{cells} {row[first]['peak_lr']:g} | {row['diverged']}/{row['runs']} |"
         )
     if base:
-        cells = "".join(f" {base[m]:.3f} | |" for m in metrics)
+        cells = "".join(f" {base[m]:.3f} | |" if base.get(m) is not None else " | |"
+                        for m in metrics)  # fmt: skip
         lines.append(f"| base model (no LoRA) |{cells} | |")
     lrs = sorted({r["lr"] for r in results})
     lines += ["", f"{SHORT[first]} per lr (mean over seeds):", "",
@@ -322,6 +378,7 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics = _ranked(metrics)
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     axes = axes[0]
     for ax, metric in zip(axes, metrics, strict=True):
@@ -330,17 +387,22 @@ def plot(
             lrs = sorted({r["lr"] for r in mine})
             if not lrs:
                 continue
-            values = [[r[metric] for r in mine if r["lr"] == lr] for lr in lrs]
+            lrs = [lr for lr in lrs if _figures(mine, metric, lr=lr)]
+            values = [_figures(mine, metric, lr=lr) for lr in lrs]
+            if not lrs:
+                continue
             ax.errorbar(lrs, [statistics.fmean(v) for v in values],
                         yerr=[_std(v) for v in values], marker="o", capsize=3, label=opt)  # fmt: skip
-        if base:
+        if base and base.get(metric) is not None:
             ax.axhline(base[metric], color="grey", linestyle="--", label="base model")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_title(metric.replace("_", " ") if metric in JUDGE_METRICS else SHORT[metric])
-        if metric in JUDGE_METRICS:
+        if metric in JUDGE_METRICS + SHAPE_METRICS:
             ax.set_ylim(-0.02, 1.02)
-            ax.set_ylabel("share of judged images (mean ± std over seeds)")
+            ax.set_ylabel({"shape_iou": "best-fit IoU with the object's silhouette",
+                           "shape_share": "share of measured images"}.get(
+                               metric, "share of judged images") + " (mean ± std over seeds)")  # fmt: skip
         else:
             ax.set_ylabel("cosine (mean ± std over seeds)")
         ax.grid(alpha=0.3)
@@ -372,7 +434,8 @@ def _describe(result: dict, metrics: tuple[str, ...] = JUDGE_METRICS) -> str:
     head = f"{result['optimizer']} lr {result['lr']:g} seed {result['seed']}"
     if result.get("diverged"):
         return f"{head}: diverged"
-    scores = ", ".join(f"{SHORT[m]} {result[m]:.2f}" for m in metrics)
+    scores = ", ".join(f"{SHORT[m]} {result[m]:.2f}" for m in metrics
+                       if result.get(m) is not None)  # fmt: skip
     return f"{head}: {scores}, loss {result['final_loss']}, {result['train_s']:.0f} s"
 
 

@@ -2,11 +2,16 @@
 
     python scripts/make_demo_concept.py            # seed 0, what is shipped
     python scripts/make_demo_concept.py --portrait # configs/concepts/demo-portrait/
+    python scripts/make_demo_concept.py --masks    # configs/concepts/demo-mos/
 
 ``--portrait`` writes the same scenes as 32 x 48 portraits (configs/concepts/demo-portrait.yaml):
 the 32 px photo on the top or the bottom two thirds (alternately), the rest its background
 drawn again, so a centre square crop cuts a quarter of the heart away and an aspect-ratio
 bucket (``--set buckets=true``) keeps it whole; the measurement is in docs/benchmarks.md.
+
+``--masks`` writes the same 10 photos (the same pixels) in Mix-of-Show's layout, ``image/``,
+``caption/`` and ``mask/`` (the heart's silhouette), for configs/concepts/demo-mos.yaml: the
+paper's diffusion setup (masked loss, attention regularisation) scaled to the miniature.
 
 The concept is the world's held-out object (``world.HELD_OUT``, a heart): the miniature base
 model never saw it. Its 10 images are photos only, in 6 of the 8 colours on 4 of the 6
@@ -25,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from sai_diffusion.files.concept_data import TOKEN_PLACEHOLDER
+from sai_diffusion.fsutil import atomic_dir
 from sai_diffusion.miniature import world
 
 # (colour, background): four colours on two backgrounds each, every background twice, then
@@ -51,23 +57,43 @@ def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent.parent
     p.add_argument("--out", type=Path, default=here / "configs" / "concepts" / "demo")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--portrait", action="store_true", help="32 x 48 photos (see above)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--portrait", action="store_true", help="32 x 48 photos (see above)")
+    shape.add_argument("--masks", action="store_true", help="Mix-of-Show layout with masks")
     args = p.parse_args(argv)
-    if args.portrait and args.out == p.get_default("out"):
-        args.out = here / "configs" / "concepts" / "demo-portrait"
+    if args.out == p.get_default("out") and (args.portrait or args.masks):
+        args.out = (
+            here / "configs" / "concepts" / ("demo-portrait" if args.portrait else "demo-mos")
+        )
 
     rng = np.random.default_rng(args.seed)
-    examples = []
+    examples, masks = [], []
     for colour, background in TRAINING_SCENES:
         scene = world.Scene(world.HELD_OUT, colour, background, world.PHOTO)
-        image = world.render(scene, size=RESOLUTION, rng=rng)
+        image, mask = world.render_with_mask(scene, size=RESOLUTION, rng=rng)
         if args.portrait:
             image = portrait(image, background, top=len(examples) % 2 == 0, rng=rng)
         text = world.caption(scene).replace(world.HELD_OUT, TOKEN_PLACEHOLDER)
         examples.append(world.WorldExample(scene, image, text))
-    world.write_examples(examples, args.out)
+        masks.append(mask)
+    if args.masks:
+        write_mix_of_show(examples, masks, args.out)
+    else:
+        world.write_examples(examples, args.out)
     print(f"wrote {len(examples)} images to {args.out}")
     return 0
+
+
+def write_mix_of_show(examples, masks, folder: Path) -> None:
+    """image/00000.png, caption/00000.txt and mask/00000.png per example; the folder appears
+    complete or not at all."""
+    with atomic_dir(folder) as tmp:
+        for sub in ("image", "caption", "mask"):
+            (tmp / sub).mkdir()
+        for i, (example, mask) in enumerate(zip(examples, masks, strict=True)):
+            example.image.save(tmp / "image" / f"{i:05d}.png")
+            (tmp / "caption" / f"{i:05d}.txt").write_text(example.caption + "\n", encoding="utf-8")
+            mask.save(tmp / "mask" / f"{i:05d}.png")
 
 
 def portrait(photo, background: str, *, top: bool, rng: np.random.Generator):

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
-from ..optim.names import OPTIMIZERS
+from ..optim.names import OPTIMIZERS, SAI_SCALES
 from .loading import closest, short
 
 # The base model when none is given: the built-in miniature model, the tiny SD-1.5-architecture
@@ -184,6 +184,11 @@ class Optimizer:
     # (docs/dev/optimizer-spec.md); a zero variance is handled apart anyway.
     sai_eps: float = setting(0.0, "SGD-SaI: eps of g-SNR = |g| / (std(g) + eps)",
                              rule=within(0, 1))  # fmt: skip
+    sai_scale: str = setting(
+        "paper", "SGD-SaI's per-tensor lr scale: paper (g-SNR / max g-SNR, <= 1), released "
+        "(the raw g-SNR, as sgd-sai 1.0.3) or sqrt-numel (sqrt of the tensor's size, the "
+        "authors' v1.1.0); the last two are tens to hundreds: lower lr to match",
+        choices=tuple(SAI_SCALES))  # fmt: skip
     max_grad_norm: float = setting(0.0, "clip the gradients' global norm to this (0: off)",
                                    rule=at_least(0, note="0: off"))  # fmt: skip
     schedule: str = setting("constant", "the lr schedule: constant, linear or cosine (to 0 at "
@@ -579,6 +584,8 @@ _INERT_RULES: tuple[tuple[str, Callable[[TrainConfig], bool], str, str], ...] = 
     ("optimizer.scaled_reg", lambda c: c.optimizer.name.startswith("scaled-"),
      "optimizer.name scaled-adamw or scaled-sgd", "optimizer.name"),
     ("optimizer.sai_eps", lambda c: c.optimizer.name == "sgd-sai",
+     "optimizer.name sgd-sai", "optimizer.name"),
+    ("optimizer.sai_scale", lambda c: c.optimizer.name == "sgd-sai",
      "optimizer.name sgd-sai", "optimizer.name"),
     ("optimizer.lr_text_encoder", lambda c: c.lora.text_encoder,
      "lora.text_encoder (text_encoder_lora) true", "lora.text_encoder"),

@@ -44,6 +44,7 @@ __all__ = [
     "OBJECTS",
     "PHOTO",
     "PHOTO_CAPTIONS",
+    "PLAIN_BACKGROUNDS",
     "SKETCH",
     "SKETCH_CAPTIONS",
     "STYLES",
@@ -56,6 +57,7 @@ __all__ = [
     "render_empty",
     "render_examples",
     "sample_scenes",
+    "silhouette_of",
     "write_examples",
 ]
 
@@ -322,6 +324,21 @@ def _mask(obj: str, size: int, pose: _Pose) -> Image.Image:
     return mask
 
 
+def silhouette_of(
+    obj: str,
+    size: int,
+    radius: float,
+    angle: float = 0.0,
+    centre: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """The (size, size) bool silhouette ``render`` gives ``obj`` at ``radius`` pixels, turned by
+    ``angle`` radians about ``centre`` (x, y pixels; default the middle): the 4x mask
+    box-downsampled, at least half covered. ``shape.best_fit_iou`` fits these."""
+    cx, cy = (size / 2, size / 2) if centre is None else centre
+    coverage = _shrink(_mask(obj, size, _Pose(cx, cy, radius, angle, (0.0, -1.0))), size)
+    return coverage >= 0.5
+
+
 _EDGE = [255 if 12 < v < 243 else 0 for v in range(256)]  # lookup tables for Image.point
 _INSIDE = [255 if v >= 243 else 0 for v in range(256)]
 _HALF = [v // 2 for v in range(256)]
@@ -364,6 +381,7 @@ _GRASS_TOP, _GRASS_BOTTOM = (130, 185, 75), (45, 115, 35)
 _BLADES = ((30, 90, 25), (160, 210, 95))  # dark, light
 _PAPER = np.float32((243, 242, 238))  # a sketch's paper
 _PLAIN = {"white": (240, 240, 236), "black": COLOUR_RGB["black"], "blue": COLOUR_RGB["blue"]}
+PLAIN_BACKGROUNDS = tuple(_PLAIN)  # one colour and a gentle gradient: no texture
 
 
 def _background(name: str, size: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -458,11 +476,22 @@ def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None)
     Raises:
         ValueError: ``size`` below 8.
     """
+    return render_with_mask(scene, size, rng)[0]
+
+
+def render_with_mask(
+    scene: Scene, size: int = 64, rng: np.random.Generator | None = None
+) -> tuple[Image.Image, Image.Image]:
+    """``render``'s image (the same pixels for the same ``rng`` state) and the object's
+    subject mask: an L image of ``size`` x ``size``, 255 where the silhouette covers at least
+    half a pixel, 0 elsewhere (what a Mix-of-Show ``mask/`` folder holds)."""
     _check_size(size)
     pose = _pose(size, rng)
     mask = _mask(scene.object, size, pose)
     draw = _draw_sketch if scene.style == SKETCH else _draw_photo
-    return _finish(draw(scene, mask, pose, size, rng), rng)
+    image = _finish(draw(scene, mask, pose, size, rng), rng)
+    subject = Image.fromarray(np.where(_shrink(mask, size) >= 0.5, 255, 0).astype(np.uint8), "L")
+    return image, subject
 
 
 def render_empty(

@@ -12,14 +12,22 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .names import OPTIMIZERS, STATE_BUFFERS
+from .names import OPTIMIZERS, SAI_SCALES, STATE_BUFFERS
 
 if TYPE_CHECKING:
     from .factory import build_optimizer
     from .sgd_sai import SGDSaI, gsnr_table
     from .state import state_bytes
 
-__all__ = ["OPTIMIZERS", "STATE_BUFFERS", "SGDSaI", "build_optimizer", "gsnr_table", "state_bytes"]
+__all__ = [
+    "OPTIMIZERS",
+    "SAI_SCALES",
+    "STATE_BUFFERS",
+    "SGDSaI",
+    "build_optimizer",
+    "gsnr_table",
+    "state_bytes",
+]
 
 _TORCH_PARTS = {
     "SGDSaI": ".sgd_sai",

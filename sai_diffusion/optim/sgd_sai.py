@@ -33,6 +33,13 @@ rules; tests/optim checks them against a float64 re-derivation and the released 
 * bf16/fp16 parameters: momentum is kept in fp32 and all math is fp32, rounded once on write.
 * ``normalize="none"`` reproduces the released ``sgd-sai`` 1.0.3 (raw g-SNR as the scale, the
   unbiased variance of ``Tensor.std()``), for comparison with published numbers.
+* ``normalize="sqrt-numel"`` is the authors' later rule (github.com/AnonymousAlethiometer/SGD_SaI,
+  branch v1.1.0-nightly, commit 6c13d90, ``sgd_sai/sgd_sai.py``, "sqrt(numel) as an
+  approximation of g-SNR"): scale_i = sqrt(numel_i), raw, no max, no eps (a zero-mean gradient
+  has g-SNR ~ sqrt(numel)). A one-element block gets sqrt(1) = 1 and no block is degenerate.
+  The scale does not depend on the gradient's values, but a block still takes it on its first
+  non-zero finite gradient (the rule above, so LoRA's A starts as in the other modes; the
+  branch sets it on the first step for every block with a gradient, zero or not).
 
 Distributed training: g-SNR is computed from the gradients ``step()`` sees. Under DDP (and
 accelerate) these are all-reduced, unscaled by the GradScaler and fully accumulated, so every
@@ -52,7 +59,7 @@ from torch.optim import Optimizer
 
 from . import fused, fused_cuda
 
-NORMALIZE_MODES = ("max", "none")
+NORMALIZE_MODES = ("max", "none", "sqrt-numel")
 # The update of a chunk needs one temporary the size of the chunk; bound it to 256 MB of fp32.
 _CHUNK_NUMEL = 1 << 26
 # Devices whose steady step may take the Triton kernel (the interpreter tests add "cpu").
@@ -81,8 +88,9 @@ class SGDSaI(Optimizer):
         lr: global learning rate; the largest per-block step under ``normalize="max"``.
         momentum: mu in m <- mu m + (1 - mu) g; 0 disables the buffer.
         weight_decay: decoupled decay, theta <- theta (1 - lr wd), not multiplied by the scale.
-        eps: added to sqrt(variance) in the g-SNR denominator.
-        normalize: ``"max"`` (paper: scales in (0, 1]) or ``"none"`` (released sgd-sai 1.0.3).
+        eps: added to sqrt(variance) in the g-SNR denominator (unused by ``"sqrt-numel"``).
+        normalize: ``"max"`` (paper: scales in (0, 1]), ``"none"`` (released sgd-sai 1.0.3:
+            the raw g-SNR) or ``"sqrt-numel"`` (the authors' v1.1.0 branch: sqrt(numel)).
         maximize: ascend instead of descend.
         foreach: multi-tensor kernels (default) or a per-tensor loop; both give identical results.
         fused: the one-pass update of the steady steps, equal to the foreach path up to
@@ -258,7 +266,10 @@ class SGDSaI(Optimizer):
                 g = -g
             flat = g.reshape(-1)
             norm = torch.linalg.vector_norm(flat)
-            if flat.numel() > 1:
+            if self.normalize == "sqrt-numel":  # defined for every block, one element included
+                degenerate = torch.zeros((), dtype=torch.bool, device=g.device)
+                gsnr = torch.full_like(norm, math.sqrt(flat.numel()))
+            elif flat.numel() > 1:
                 var = flat.var(correction=0 if self.normalize == "max" else 1)
                 degenerate = var == 0
                 gsnr = norm / (var.sqrt() + group["eps"])
@@ -365,13 +376,17 @@ class SGDSaI(Optimizer):
         grads = [p.grad for p in params]
         stats = kernel.gsnr_stats(grads)  # (n, 3): sum g^2, sum (g - mean)^2, all equal
         numel = torch.tensor([p.numel() for p in params], dtype=torch.float64)
-        eps = torch.tensor([group["eps"] for group, _ in fresh], dtype=torch.float64)
-        correction = 0 if self.normalize == "max" else 1
         norm = stats[:, 0].sqrt()
-        std = (stats[:, 1] / (numel - correction).clamp_min(1)).sqrt()
-        # all elements equal, or a variance too small to represent (as var == 0 in _initialise)
-        degenerate = (numel <= 1) | (stats[:, 2] > 0) | (std == 0)
-        gsnr = torch.where(degenerate, 0.0, norm / (std + eps)).float()
+        if self.normalize == "sqrt-numel":  # the statistics only say which blocks are usable
+            degenerate = torch.zeros(len(params), dtype=torch.bool)
+            gsnr = numel.sqrt().float()
+        else:
+            eps = torch.tensor([group["eps"] for group, _ in fresh], dtype=torch.float64)
+            correction = 0 if self.normalize == "max" else 1
+            std = (stats[:, 1] / (numel - correction).clamp_min(1)).sqrt()
+            # all elements equal, or a variance too small to represent (var == 0 in _initialise)
+            degenerate = (numel <= 1) | (stats[:, 2] > 0) | (std == 0)
+            gsnr = torch.where(degenerate, 0.0, norm / (std + eps)).float()
         usable = torch.isfinite(norm) & (norm > 0)
         gsnr_max = self._freeze_gsnr_max(torch.where(usable & ~degenerate, gsnr, 0.0))
         ratio = torch.clamp(gsnr / gsnr_max, max=1.0) if self.normalize == "max" else gsnr

@@ -45,7 +45,7 @@ from ..models.base import describe_base, load_base, model_fingerprint, predictio
 from ..models.family import FAMILIES, StableDiffusion, family_of
 from ..models.sampling import SampleSettings, write_samples
 from ..models.tokens import bake_token_embeddings
-from ..optim import build_optimizer
+from ..optim import SAI_SCALES, build_optimizer
 from . import prior
 from .adapters import Adapters, NormStop, add_adapters
 from .augment import ConceptImages
@@ -128,6 +128,8 @@ def setup(cfg: TrainConfig, concept: Concept, run_dir: Path, *, resume: bool = F
     reset_peak_memory(accelerator.device)  # this run's peak, not an earlier one's in-process
     for inert in inert_settings(cfg, concept):  # set in a shared YAML: said once, not refused
         accelerator.print("warning: " + inert.message("settings"))
+    if (caveat := edlora_caveat(cfg)) is not None:
+        accelerator.print(caveat)
     pipe, family = _load_model(cfg, accelerator)
     fingerprint = model_fingerprint(cfg.base.model)
     classes = None  # drawn by the base model, before any adapter exists
@@ -241,6 +243,22 @@ def _setup_accelerator(cfg: TrainConfig) -> Accelerator:
     return accelerator
 
 
+def edlora_caveat(cfg: TrainConfig) -> str | None:
+    """The warning for SGD-SaI training ED-LoRA's layer-wise vectors, which lost the concept
+    in every measurement (docs/benchmarks.md, "ED-LoRA under SGD-SaI"); None otherwise. Not a
+    refusal: it is measured in the miniature only, and potter-edlora.yaml on a real checkpoint
+    is how to find out whether it holds there."""
+    emb = cfg.embeddings
+    if cfg.optimizer.name != "sgd-sai" or not (emb.edlora and emb.train):
+        return None
+    return (
+        "warning: ED-LoRA's layer-wise word vectors did not learn the concept under SGD-SaI in "
+        "our measurements (the demo: concept fidelity 0.04 against 0.61 with one vector per "
+        "word; docs/benchmarks.md#ed-lora-under-sgd-sai): train them with --optimizer "
+        "scaled-adamw, or keep SGD-SaI with --set edlora=false"
+    )
+
+
 def _load_model(cfg: TrainConfig, accelerator: Accelerator):
     """The base model and its family, frozen and in eval mode on the accelerator's device
     (weights in the compute dtype when training in half precision; the VAE in fp32 with
@@ -277,6 +295,7 @@ def _setup_optimizer(
         momentum=opt.momentum,
         reg=opt.scaled_reg,
         eps=opt.sai_eps if opt.name == "sgd-sai" else None,
+        normalize=SAI_SCALES[opt.sai_scale],
     )
     if opt.name.startswith("scaled-") and adapters.conv_pairs:
         accelerator.print(

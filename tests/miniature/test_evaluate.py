@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -24,7 +25,7 @@ from sai_diffusion.evaluation.evaluator import evaluate, headline
 from sai_diffusion.files.run_dir import RunDir
 from sai_diffusion.miniature import miniature_dir, world
 from sai_diffusion.miniature.concept import judged_object
-from sai_diffusion.miniature.evaluate import HEADLINE, score_images, scorers_for
+from sai_diffusion.miniature.evaluate import HEADLINE, SHAPE_HEADLINE, score_images, scorers_for
 from sai_diffusion.miniature.judge import Judge
 from sai_diffusion.miniature.model import generate_images
 from sai_diffusion.models.base import load_base_model
@@ -119,7 +120,7 @@ def test_demo_trains_without_a_base_model_and_evaluates(demo_run):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1
     line = json.loads(lines[0])
-    for key in HEADLINE:
+    for key in (*HEADLINE, *SHAPE_HEADLINE):
         assert 0.0 <= line[key] <= 1.0, key
     assert line["prompt_fidelity"] <= line["concept_fidelity"]
     assert line["object"] == "heart" and line["concept"] == "demo"
@@ -129,6 +130,8 @@ def test_demo_trains_without_a_base_model_and_evaluates(demo_run):
     saved = json.loads((demo_run / "eval.json").read_text(encoding="utf-8"))
     assert {k: saved[k] for k in HEADLINE} == {k: line[k] for k in HEADLINE}
     assert len(saved["per_prompt"]) == n_prompts
+    plain = [p for p in saved["per_prompt"] if p["run"]["shape_iou"] is not None]
+    assert saved["shape_images"] == 2 * len(plain) and len(plain) == 4  # white, black, blue
     sketch = next(p for p in saved["per_prompt"] if "sketch" in p["prompt"])
     assert sketch["asks"] == {"colour": None, "background": None, "style": world.SKETCH}
     assert len(sketch["run"]["judged"]) == len(sketch["base"]["judged"]) == 2
@@ -202,8 +205,6 @@ def test_eval_of_a_real_concept_offline_without_models_and_of_a_non_run_exit_2(
 
 # ------------------------------------------------------------------ scoring rules
 def _renders(obj: str, colour: str | None, background: str | None, n: int = 3):
-    import numpy as np
-
     style = world.SKETCH if colour is None else world.PHOTO
     scene = world.Scene(obj, colour, background, style)
     rng = np.random.default_rng(7)
@@ -228,6 +229,42 @@ def test_scores_count_the_concept_and_what_the_prompt_asked(judge):
     assert report["base_concept_fidelity"] == round(3 / 9, 4)
     assert report["base_prompt_fidelity"] == round(3 / 9, 4)
     assert [p["run"]["prompt_fidelity"] for p in report["per_prompt"]] == [1.0, 0.0, 1.0]
+    # grass and a sketch: no shape is measured
+    assert report["shape_images"] == 0
+    assert all(report[key] is None for key in SHAPE_HEADLINE)
+    assert all(p["run"]["shape_iou"] is None for p in report["per_prompt"])
+
+
+def test_shapes_are_fitted_on_plain_backgrounds_against_the_object_and_the_class(judge):
+    """The world's hearts fit the heart, its circles the circle (test_shape.py measures how
+    well); an image with nothing drawn scores 0; a textured background is not measured."""
+    empty = [world.render_empty("blue", 32, np.random.default_rng(s)) for s in range(3)]
+    rows = [
+        ("a photo of a red {token} on a white background", _renders("heart", "red", "white"),
+         _renders("circle", "red", "white")),
+        ("a green {token} on a black background", _renders("heart", "green", "black"), None),
+        ("a photo of a red {token} on a blue background", empty, None),
+        ("a photo of a yellow {token} on grass", _renders("heart", "yellow", "grass"), None),
+    ]  # fmt: skip
+    report = score_images(judge, "heart", rows, class_object="circle")
+    assert report["shape_images"] == 9 and report["images"] == 12
+    for key in SHAPE_HEADLINE:
+        assert 0.0 <= report[key] <= 1.0, key
+    run = [p["run"] for p in report["per_prompt"]]
+    assert min(run[0]["shape_iou"], run[1]["shape_iou"]) >= 0.9
+    assert max(run[0]["class_shape_iou"], run[1]["class_shape_iou"]) <= 0.8
+    assert run[2]["shape_iou"] == run[2]["class_shape_iou"] == 0.0
+    assert run[3]["shape_iou"] is None and run[3]["class_shape_iou"] is None
+    assert report["shape_iou"] == pytest.approx(
+        (3 * run[0]["shape_iou"] + 3 * run[1]["shape_iou"]) / 9, abs=1e-4
+    )
+    assert report["base_class_shape_iou"] >= 0.9 and report["base_shape_iou"] <= 0.8
+    # every world heart reads as a heart, no empty image and no world circle does
+    assert run[0]["shape_share"] == run[1]["shape_share"] == 1.0 and run[2]["shape_share"] == 0.0
+    assert report["shape_share"] == pytest.approx(6 / 9, abs=1e-4)
+    assert report["base_shape_share"] == 0.0
+    unmeasured = score_images(judge, "heart", rows[:1], shapes=False)  # the class-word rows
+    assert unmeasured["shape_iou"] is None and unmeasured["shape_images"] == 0
 
 
 def test_without_base_images_the_base_scores_are_none(judge):
@@ -310,16 +347,26 @@ def test_quality_benchmark_writes_its_table_and_plot_and_resumes(tmp_path):
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted((r["optimizer"], r["lr"], r["seed"]) for r in results) == [
         ("sgd-sai", 0.1, 0), ("sgd-sai", 1.0, 0)]  # fmt: skip
-    assert all(0 <= r["concept_fidelity"] <= 1 and r["steps"] == 2 for r in results)
+    figures = ("concept_fidelity", "prompt_fidelity", "shape_iou", "class_shape_iou",
+               "shape_share")  # fmt: skip
+    assert all(0 <= r[f] <= 1 for r in results for f in figures) and results[0]["steps"] == 2
     table = (out / "results.md").read_text()
     assert "| sgd-sai |" in table and "base model (no LoRA)" in table and "Peak concept" in table
+    assert "Peak shape IoU" in table and "Peak shape share" in table
+    assert "class-shape" not in table  # recorded, not ranked
     assert (out / "quality.png").stat().st_size > 10_000
     base = json.loads((out / "base.json").read_text())
-    assert set(base) == {"concept_fidelity", "prompt_fidelity", "eval_seeds"}
-    assert base["eval_seeds"] == [0]
+    assert set(base) == {*figures, "eval_seeds"} and base["eval_seeds"] == [0]
 
+    # a line from before the shape figures existed is scored again, without training
+    lines = (out / "results.jsonl").read_text().splitlines()
+    old = {k: v for k, v in json.loads(lines[0]).items() if k not in figures[2:]}
+    (out / "results.jsonl").write_text("\n".join([json.dumps(old), *lines[1:]]) + "\n")
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert again.returncode == 0 and "0 runs to train (2 already in" in again.stdout
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 runs to train, 1 to score again (2 already in" in again.stdout
+    rescored = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rescored == results  # the same figures, and the other line untouched
 
 
 @pytest.mark.slow  # an evaluation with CLIP and DINO: ~10 s

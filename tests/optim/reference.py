@@ -7,6 +7,8 @@ compare. A pure function: the inputs are not modified.
 Spec points this models (and that the tests therefore check):
 - g-SNR = ||g|| / (sqrt(var) + eps), eps outside the sqrt; var is biased (1/d) for
   normalize="max" and unbiased (1/(d-1)) for normalize="none".
+- normalize="sqrt-numel" (the authors' v1.1.0 branch): g-SNR = sqrt(d), defined for every block
+  (a one-element block gets 1, none is degenerate), and the scale is that raw value.
 - A block is initialised on its first step with a non-zero gradient; a None or all-zero gradient
   before that leaves it untouched (no decay, no momentum).
 - Degenerate blocks (one element, or var == 0 exactly) get scale 1.0 and are excluded from the max.
@@ -53,6 +55,8 @@ def block_gsnr(g: torch.Tensor, eps: float, normalize: str) -> float | None:
     """g-SNR of one gradient block in float64; None for a degenerate block (one element, var == 0)."""
     g = g.detach().to(torch.float64).flatten()
     d = g.numel()
+    if normalize == "sqrt-numel":
+        return math.sqrt(d)
     if d == 1:
         return None
     centred = g - g.mean()
@@ -82,8 +86,8 @@ def sgd_sai_reference(
     step, the spec's "math in fp32, written back rounded" for low-precision params; the momentum
     stays in float64 (the spec keeps it in fp32 for low-precision params).
     """
-    if normalize not in ("max", "none"):
-        raise ValueError(f"normalize must be 'max' or 'none', got {normalize!r}")
+    if normalize not in ("max", "none", "sqrt-numel"):
+        raise ValueError(f"normalize must be 'max', 'none' or 'sqrt-numel', got {normalize!r}")
     n = len(params)
     lrs = _per_block(lr, n, "lr")
     mus = _per_block(momentum, n, "momentum")
@@ -118,7 +122,7 @@ def sgd_sai_reference(
             new.append(i)
 
         # 2) their scales
-        if normalize == "none":
+        if normalize in ("none", "sqrt-numel"):
             for i in new:
                 scale[i] = 1.0 if degenerate[i] else gsnr[i]
         else:

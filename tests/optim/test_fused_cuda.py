@@ -58,6 +58,10 @@ CASES = [
     pytest.param(dict(lr=0.1, momentum=0.9, weight_decay=0.1), id="mu0.9-wd"),
     pytest.param(dict(lr=0.1, momentum=0.0), id="mu0"),
     pytest.param(dict(lr=0.1, momentum=0.3, weight_decay=0.01, maximize=True), id="mu0.3-max"),
+    # scales of 1 to 47 (sqrt of the blocks' sizes), not <= 1
+    pytest.param(
+        dict(lr=2e-3, momentum=0.9, weight_decay=0.1, normalize="sqrt-numel"), id="sqrt-numel"
+    ),
 ]
 REF_NORM_RTOL = {BF16: 2e-2, F16: 4e-3}
 FOREACH_RTOL = {F32: 1e-6, BF16: 2**-7, F16: 2**-10}

@@ -4,6 +4,8 @@ Oracles, in order of trust:
 - tests/optim/reference.py: a float64 re-derivation of Algorithm 1 from the paper and the spec
   (independent of the implementation); the optimizer and the reference see the same gradients.
 - sgd-sai 1.0.3 (`SGD_sai`), the authors' release, for normalize="none".
+- the authors' v1.1.0 branch, for normalize="sqrt-numel": test_sai_scale.py checks the reference
+  against a transcription of its update.
 - pytorch-optimizer 4.1.0 (`SGDSaI`) for the raw g-SNR of 2-D tensors with momentum=0.
 
 Tolerances. float32 and float64 parameters: rtol 1e-5. The optimizer does its math in fp32 (fp64
@@ -61,6 +63,15 @@ CASES = [
         dict(normalize="none", lr=2e-3, momentum=0.9, weight_decay=0.1), id="none-mu0.9-wd"
     ),
     pytest.param(dict(normalize="none", lr=2e-3, momentum=0.0, maximize=True), id="none-mu0-max"),
+    # raw sqrt(numel) scales of 2.4-11 as "none"'s; eps is not part of the rule
+    pytest.param(
+        dict(normalize="sqrt-numel", lr=2e-3, momentum=0.9, weight_decay=0.1),
+        id="sqrt-numel-mu0.9-wd",
+    ),
+    pytest.param(
+        dict(normalize="sqrt-numel", lr=2e-3, momentum=0.0, eps=1e-3, maximize=True),
+        id="sqrt-numel-mu0-max-eps",
+    ),
 ]
 
 # "Model-like" blocks: 2-D weights, 1-D biases/norms, a 4-D conv kernel, a 1-row matrix.
@@ -400,7 +411,7 @@ def trainable(model):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("normalize", ["max", "none"])
+@pytest.mark.parametrize("normalize", ["max", "none", "sqrt-numel"])
 def test_lora_a_deferred_until_first_nonzero_gradient(normalize, path):
     """The LoRA trap (docs/dev/optimizer-spec.md, "Deferred blocks"): with B = 0 the gradient of
     A is exactly zero on step 1. A must not be touched (no decay) nor initialised on step 1,
@@ -710,9 +721,11 @@ def bitwise_equal(a, b) -> bool:
         pytest.param("mlp", F64, "max", 3, 0.9, id="mlp-fp64-max"),
         pytest.param("mlp", BF16, "max", 3, 0.9, id="mlp-bf16-max"),
         pytest.param("mlp", F32, "none", 3, 0.9, id="mlp-fp32-none"),
+        pytest.param("mlp", F32, "sqrt-numel", 3, 0.9, id="mlp-fp32-sqrt-numel"),
         pytest.param("mlp", F32, "max", 3, 0.0, id="mlp-fp32-mu0"),
         pytest.param("lora", F32, "max", 1, 0.9, id="lora-fp32-save-before-A-init"),
         pytest.param("lora", BF16, "max", 1, 0.9, id="lora-bf16-save-before-A-init"),
+        pytest.param("lora", F32, "sqrt-numel", 1, 0.9, id="lora-fp32-sqrt-numel-before-A-init"),
     ],
 )
 def test_state_dict_round_trip_is_bitwise(kind, dtype, normalize, k, momentum, tmp_path):
@@ -910,12 +923,13 @@ def test_gsnr_table_reports_the_state():
 )
 def test_invalid_arguments_raise_value_error(kwargs, match):
     """Invalid hyperparameters raise ValueError naming the argument (spec: lr > 0 and finite,
-    momentum in [0, 1), weight_decay >= 0, eps >= 0, normalize in {"max", "none"})."""
+    momentum in [0, 1), weight_decay >= 0, eps >= 0, normalize in {"max", "none",
+    "sqrt-numel"})."""
     params = make_params([(3, 3)], F32)
     with pytest.raises(ValueError, match=match) as info:
         SGDSaI(params, **kwargs)
     if "normalize" in kwargs:
-        assert "max" in str(info.value) and "none" in str(info.value), "list the valid values"
+        assert all(m in str(info.value) for m in ("max", "none", "sqrt-numel")), "list them"
 
 
 @pytest.mark.parametrize(
@@ -932,7 +946,7 @@ def test_invalid_group_hyperparameter_raises(key, value):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("kw", CASES[:1] + CASES[4:5])
+@pytest.mark.parametrize("kw", CASES[:1] + CASES[4:5] + CASES[6:7])
 def test_foreach_equals_loop_bitwise(seed, kw):
     """foreach=True and foreach=False give bitwise identical params and state (torch.equal) over
     random shapes and a mix of fp32 / fp64 / bf16 params in one group: both paths do the same
@@ -1073,7 +1087,7 @@ def test_parameters_on_a_device_other_than_the_current_one_train_as_on_the_cpu()
 
 @NO_KERNEL
 @pytest.mark.parametrize("dtype", [F32, F64])
-@pytest.mark.parametrize("kw", [CASES[0], CASES[1], CASES[2]])
+@pytest.mark.parametrize("kw", [CASES[0], CASES[1], CASES[2], CASES[6]])
 def test_fused_update_equals_foreach_to_rounding(kw, dtype):
     """The one-pass C++ kernel (optim/csrc/sgd_sai_cpu.cpp) against the foreach path over ten
     steps, with tensors below and above its parallel grain (32768 elements) and one element.

@@ -60,13 +60,17 @@ def _args(concept: Path, base: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_an_edlora_run_trains_layer_wise_rows_and_writes_edlora_safetensors(
-    concept, tiny_pipeline_dir, tmp_path
+    concept, tiny_pipeline_dir, tmp_path, capsys
 ):
     out = tmp_path / "run"
     flags = {"base_model": str(tiny_pipeline_dir), "resolution": 64, "max_steps": 3, "lr": 0.3}
     settings = [s for s in MIX_OF_SHOW if s != "--set"] + ["validation_seeds=[]"]
     cfg, c = config.resolve(str(concept), flags, settings)
     run = recipe.setup(cfg, c, out)
+    # SGD-SaI (the default) with trained layer-wise rows: the measured caveat, said once
+    said = capsys.readouterr().out
+    assert said.count("did not learn the concept under SGD-SaI") == 1
+    assert "--optimizer scaled-adamw" in said and "--set edlora=false" in said
     table_before = run.text_encoder.get_input_embeddings().weight.detach().clone()
     recipe.train(run)
     files = recipe.save_outputs(run)
@@ -86,6 +90,18 @@ def test_an_edlora_run_trains_layer_wise_rows_and_writes_edlora_safetensors(
     trained = set(run.adapters.token_ids)
     others = [i for i in range(table_before.shape[0]) if i not in trained]
     assert torch.equal(table_before[others], table_after[others])
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "settings", "warned"),
+    [("sgd-sai", ["edlora=true", "train_embeddings=true"], True),
+     ("scaled-adamw", ["edlora=true", "train_embeddings=true"], False),
+     ("sgd-sai", ["edlora=true", "train_embeddings=false"], False),  # plain LoRA then
+     ("sgd-sai", ["edlora=false", "train_embeddings=true"], False)],
+)  # fmt: skip
+def test_only_sgd_sai_training_layer_wise_rows_gets_the_caveat(optimizer, settings, warned):
+    cfg, _ = config.resolve("demo", {"optimizer": optimizer}, settings)
+    assert (recipe.edlora_caveat(cfg) is not None) is warned
 
 
 def test_the_norm_threshold_stops_the_rows_at_the_step_they_reach_it(
