@@ -583,7 +583,13 @@ def _step(run: Run) -> torch.Tensor:
     run.data_wait_s = waited
     if cfg.optimizer.max_grad_norm > 0:
         acc.clip_grad_norm_(list(run.trainable.values()), cfg.optimizer.max_grad_norm)
-    run.optimizer.step()
+    try:
+        run.optimizer.step()
+    except torch.linalg.LinAlgError:
+        # a non-finite gradient reached an optimizer that factorises a matrix (scaled-AdamW's
+        # preconditioner) before the loss was read: the run diverged, whatever the loss says
+        loss = float(torch.stack(losses).sum())
+        raise TrainingDiverged(_diverged_message(run, run.step + 1, loss, [])) from None
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.norm_stop.check(run.step + 1)

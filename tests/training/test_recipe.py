@@ -98,11 +98,13 @@ def test_cli_trains_and_writes_the_run_folder(concept, tiny_pipeline_dir, tmp_pa
     assert s1.size == (64, 64) and s1.tobytes() == t1.tobytes() and s1.tobytes() != s2.tobytes()
 
 
+@pytest.mark.parametrize("optimizer", ["sgd-sai", "scaled-adamw"])
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
-    concept, tiny_pipeline_dir, tmp_path
+    optimizer, concept, tiny_pipeline_dir, tmp_path
 ):
     """A NaN loss raises TrainingDiverged naming the step and checkpoint; no checkpoint or
-    LoRA file is written from the poisoned weights."""
+    LoRA file is written from the poisoned weights. scaled-AdamW's preconditioner fails on the
+    NaN gradient inside the step, before the loss is read: the same TrainingDiverged."""
     cfg, c = config.resolve(
         str(concept),
         {
@@ -110,6 +112,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
             "max_steps": 4,
             "resolution": 64,
             "checkpoint_every": 1,
+            "optimizer": optimizer,
         },
         ["validation_seeds=[]"],
     )
