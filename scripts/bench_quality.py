@@ -400,9 +400,8 @@ def plot(
         ax.set_title(metric.replace("_", " ") if metric in JUDGE_METRICS else SHORT[metric])
         if metric in JUDGE_METRICS + SHAPE_METRICS:
             ax.set_ylim(-0.02, 1.02)
-            ax.set_ylabel({"shape_iou": "best-fit IoU with the object's silhouette",
-                           "shape_share": "share of measured images"}.get(
-                               metric, "share of judged images") + " (mean ± std over seeds)")  # fmt: skip
+            ax.set_ylabel({"shape_iou": "best-fit IoU", "shape_share": "share of measured images"}
+                          .get(metric, "share of judged images") + " (mean ± std over seeds)")  # fmt: skip
         else:
             ax.set_ylabel("cosine (mean ± std over seeds)")
         ax.grid(alpha=0.3)

@@ -414,7 +414,7 @@ def _kohya_tensors(modules: dict[str, _Factors], prefix: str) -> dict[str, torch
 @torch.no_grad()
 def _dora_scale(factors: _Factors) -> torch.Tensor:
     """(out, 1) or (out, 1, 1, 1): the ``dora_scale`` that gives peft's DoRA weight under the
-    output-axis reading of ComfyUI (measured; Forge's code follows ComfyUI's, not measured).
+    output-axis reading of ComfyUI and Forge (both measured, scripts/check_clients.py).
 
     peft trains W' = m * (W + dW) / |W + dW| per output row (dW = alpha / r * B A). A
     ``dora_scale`` whose first dimension is the layer's output is read there as
@@ -444,7 +444,7 @@ def dora_readers_note(family: str) -> str:
     """What a ``lora.dora=true`` run of model ``family`` ("sd1", "sd2", "sdxl") prints once
     about its files: which tools compute the trained model from which file, and which read it
     wrongly. From docs/file-formats.md's table (measured with scripts/check_clients.py and,
-    for A1111, in issue 31), on SD 1.5 files; an SD 2.x or SDXL file is named and read by the
+    for A1111 1.10.1's DoRA, in issue 31), on SD 1.5 files; an SD 2.x or SDXL file is named and read by the
     same rules (tests/files/test_sdxl_files.py).
 
     Raises:
@@ -459,14 +459,14 @@ def dora_readers_note(family: str) -> str:
         "'Which tool loads which file'):",
         f"  right: {lora} in sai-sample, sai-compare, the app, load_run, diffusers 0.32 "
         "(transformers 4.54)",
-        f"         {kohya} in ComfyUI",
+        f"         {kohya} in ComfyUI and Forge",
         f"  wrong: diffusers 0.42 (transformers 5), {lora}: the {encoders} DoRA magnitudes "
         "(text-encoder LoRA) are not loaded",
         f"         ComfyUI, {lora}: the magnitudes are skipped (plain LoRA)",
         f"         kohya sd-scripts, diffusers, {kohya}: dora_scale ignored (plain LoRA)",
         f"         A1111 1.10, {kohya}: loads without an error, wrong weights",
         "         LyCORIS 4.1.3: its loader stops on SD UNets; its merge gives wrong weights",
-        "  not measured: Forge",
+        f"         Forge, {lora}: nothing applied (it skips a file with unmatched keys)",
     ])  # fmt: skip
 
 
