@@ -226,8 +226,9 @@ def _shape_fits(
 
 
 def _shape_means(fits: list[tuple[float, float | None]], class_object: str | None) -> dict:
-    """``shape_iou`` and ``class_shape_iou``: the means of ``fits``, None where there are none
-    (or no ``class_object``)."""
+    """``shape_iou`` and ``class_shape_iou``, the means of ``fits``, and ``shape_share``, the
+    share whose first fit beats the second by ``SHAPE_MARGIN``: None where there are no fits
+    (the class figures also without a ``class_object``)."""
     own = [f[0] for f in fits]
     rival = [f[1] for f in fits] if class_object is not None else []
     wins = sum(o >= r + SHAPE_MARGIN for o, r in zip(own, rival, strict=False))
