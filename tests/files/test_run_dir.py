@@ -81,7 +81,7 @@ def test_a_run_yaml_written_before_sections_existed_reads_every_setting(tmp_path
     cfg, concept, data = RunDir(tmp_path).read_config()
     flat = yaml.safe_load((DATA / "run-before-sections.yaml").read_text())["config"]
     assert {key: cfg.get(config.FLAT[key]) for key in flat} == flat  # every one, none lost
-    added_since = {"prediction_type", "text_encoder_2", "data_workers"}  # newer settings
+    added_since = {"prediction_type", "text_encoder_2", "data_workers", "sai_scale"}  # newer
     assert set(flat) == set(config.FLAT) - added_since
     assert (cfg.base.prediction_type, cfg.lora.text_encoder_2) == ("auto", None)  # defaults
     assert (cfg.lora.text_encoder, cfg.optimizer.lr_text_encoder) == (True, 0.01)
