@@ -147,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     report.append(run_child(client, python, src, work, path))
                     print(_line(report[-1]), flush=True)
     finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        _finish(args, work, report)
     return 0
 
 
@@ -649,10 +646,7 @@ def check_sd15_files(args) -> int:
                 print(_files_line(row), flush=True)
                 report.append(row)
     finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        _finish(args, work, report)
     return 0
 
 
@@ -1502,6 +1496,14 @@ FILE_CHILDREN = {"diffusers-words": _diffusers_words, "comfyui-words": _comfyui_
                  "sd-scripts-words": _sd_scripts_words, "lycoris-words": _lycoris_words,
                  "a1111-words": _a1111_words, "forge-words": _forge_words,
                  "a1111-keys": _a1111_keys, "forge-keys": _forge_keys}  # fmt: skip
+
+
+def _finish(args, work: Path, report: list) -> None:
+    """Remove the scratch folder (unless --work named it) and write --json's report."""
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
