@@ -2,6 +2,8 @@
 
     python scripts/bench_quality.py                      # 4 optimizers x 5 lrs x 3 seeds
     python scripts/bench_quality.py --lrs 1e-2,1e-1 --seeds 0 --optimizers sgd-sai  # a slice
+    python scripts/bench_quality.py --lrs-for sgd-sai=1e-3,1e-2,1e-1,1,10 \
+        --lrs-for adamw=1e-5,1e-4,1e-3,1e-2,1e-1 ...       # each optimizer over its own range
     python scripts/bench_quality.py --concept potter --base-model chilloutmix.safetensors \
         --clip-model openai/clip-vit-base-patch32 --dino-model facebook/dino-vits16  # a GPU's job
 
@@ -78,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concept", default="demo")
     p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS))
     p.add_argument("--lrs", default="1e-4,1e-3,1e-2,1e-1,1", help="comma-separated grid")
+    p.add_argument("--lrs-for", dest="lrs_for", action="append", default=[],
+                   metavar="OPTIMIZER=LRS", help="one optimizer's own grid instead of --lrs, "
+                   "e.g. --lrs-for sgd-sai=1e-3,1e-2,1e-1,1,10")  # fmt: skip
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=None, help="default: the concept's max_steps")
     p.add_argument("--eval-seeds", default=None, help="default: the concept's evaluation seeds")
@@ -112,16 +117,16 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [o for o in optimizers if o not in OPTIMIZERS]
         if unknown:
             raise UserError(f"--optimizers: unknown {unknown}; choose from {', '.join(OPTIMIZERS)}")
+        grids = lr_grids(args, optimizers)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    lrs = [float(v) for v in args.lrs.split(",")]
     seeds = [int(v) for v in args.seeds.split(",")]
     eval_seeds = None if args.eval_seeds is None else [int(v) for v in args.eval_seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
     done = {_key(r) for r in _read_results(results_path)}
-    jobs = [(o, lr, s) for o in optimizers for lr in lrs for s in seeds
+    jobs = [(o, lr, s) for o in optimizers for lr in grids[o] for s in seeds
             if _key({"optimizer": o, "lr": lr, "seed": s}) not in done]  # fmt: skip
     metrics = metrics_of(args)
     stale = [r for r in _read_results(results_path) if not r.get("diverged")
@@ -147,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)  # fmt: skip
 
     results = [r for r in _read_results(results_path)
-               if r["optimizer"] in optimizers and r["lr"] in lrs and r["seed"] in seeds]  # fmt: skip
+               if r["optimizer"] in optimizers and r["lr"] in grids[r["optimizer"]]
+               and r["seed"] in seeds]  # fmt: skip
     base = _base_scores(args, results, eval_seeds)
     table = summarise(results, optimizers, metrics)
     markdown = render_markdown(table, results, base, args, time.perf_counter() - started, metrics)
@@ -155,6 +161,25 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, optimizers, base, args.plot or args.out / "quality.png", metrics)
     print(markdown)
     return 0
+
+
+def lr_grids(args, optimizers: list[str]) -> dict[str, list[float]]:
+    """Each optimizer's lrs: ``--lrs``, or its own ``--lrs-for OPTIMIZER=LRS``.
+
+    Raises:
+        UserError: a malformed ``--lrs-for``, one for an optimizer not swept, or a bad number.
+    """
+    grids = dict.fromkeys(optimizers, args.lrs)
+    for item in args.lrs_for:
+        name, sep, values = item.partition("=")
+        if not sep or name not in optimizers:
+            raise UserError(f"--lrs-for {item!r}: write OPTIMIZER=LR,LR,... for one of "
+                            f"{', '.join(optimizers)}")  # fmt: skip
+        grids[name] = values
+    try:
+        return {o: [float(v) for v in text.split(",")] for o, text in grids.items()}
+    except ValueError as exc:
+        raise UserError(f"--lrs / --lrs-for: {exc}; write comma-separated numbers") from None
 
 
 def _one_thread() -> None:

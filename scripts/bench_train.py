@@ -323,10 +323,12 @@ def _ours(args, device: torch.device, base: str, concept, loop: str, run_dir: Pa
     from sai_diffusion import config
     from sai_diffusion.training import recipe
 
-    # what the reference trains: the UNet's LoRA alone (no text-encoder LoRA, no token vector)
+    # what the reference trains: the UNet's attention LoRA alone (no text-encoder LoRA, no token
+    # vector), with the unweighted loss, whatever the concept ships (the demo's is LoCon, min-SNR)
     settings = [f"rank={RANK}", f"alpha={RANK}", "validation_seeds=[]", "center_crop=true",
                 f"mixed_precision={args.precision}", "train_embeddings=false",
-                "text_encoder_lora=false", "max_grad_norm=1.0"]  # fmt: skip
+                "text_encoder_lora=false", "max_grad_norm=1.0", "min_snr_gamma=0",
+                f"lora_targets={','.join(config.DEFAULT_LORA_TARGETS)}"]  # fmt: skip
     if loop == "ours-preset":  # the concept's own, but for what the benchmark sets
         settings = [f"mixed_precision={args.precision}"]
     if loop == "ours-no-cache":

@@ -253,9 +253,9 @@ def edlora_caveat(cfg: TrainConfig) -> str | None:
         return None
     return (
         "warning: ED-LoRA's layer-wise word vectors did not learn the concept under SGD-SaI in "
-        "our measurements (the demo: concept fidelity 0.04 against 0.61 with one vector per "
-        "word; docs/benchmarks.md#ed-lora-under-sgd-sai): train them with --optimizer "
-        "scaled-adamw, or keep SGD-SaI with --set edlora=false"
+        "our measurements (the miniature demo with an attention-only LoRA: concept fidelity "
+        "0.04 against 0.61 with one vector per word; docs/benchmarks.md#ed-lora-under-sgd-sai): "
+        "train them with --optimizer scaled-adamw, or keep SGD-SaI with --set edlora=false"
     )
 
 

@@ -334,14 +334,20 @@ def test_quality_benchmark_refuses_bad_settings_before_any_run(tmp_path):
     proc = subprocess.run([sys.executable, script, "--concept", "potter", "--out",
                            str(tmp_path / "b")], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2 and "no evaluation section naming a world object" in proc.stderr
+    proc = subprocess.run([sys.executable, script, "--optimizers", "sgd-sai", "--lrs-for",
+                           "adamw=1e-3", "--out", str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "--lrs-for 'adamw=1e-3': write OPTIMIZER=LR" in proc.stderr
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow  # the benchmark script twice, with its worker pool: ~20 s
 def test_quality_benchmark_writes_its_table_and_plot_and_resumes(tmp_path):
-    """scripts/bench_quality.py at its smallest: one optimizer, two lrs, one seed, 2 steps."""
+    """scripts/bench_quality.py at its smallest: one optimizer, two lrs (its own grid, which
+    replaces --lrs), one seed, 2 steps."""
     out = tmp_path / "bench"
     cmd = [sys.executable, str(REPO / "scripts" / "bench_quality.py"), "--optimizers", "sgd-sai",
-           "--lrs", "0.1,1", "--seeds", "0", "--steps", "2", "--eval-seeds", "0", "--workers", "1", "--out", str(out)]  # fmt: skip
+           "--lrs", "0.5", "--lrs-for", "sgd-sai=0.1,1", "--seeds", "0", "--steps", "2", "--eval-seeds", "0", "--workers", "1", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

@@ -163,3 +163,27 @@ def test_the_background_colour_is_read_from_the_image_not_the_name():
         drifted = Image.fromarray(np.rint(pixels * drift).astype(np.uint8))
         mask = shape.silhouette(drifted, background)
         assert (mask ^ clean).sum() <= 3
+
+
+# --------------------------------------------------------------------------- heart_probe
+def test_heart_probe_finds_the_shape_kept_by_the_vae_and_a_gap_in_the_noisy_steps():
+    """scripts/heart_probe.py on the shipped miniature model, at its smallest: the VAE's round
+    trip keeps the heart a heart (it fits the heart better than the circle), and the base model
+    denoises world circles better than the unseen hearts in the noisiest band."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "heart_probe.py"
+    proc = subprocess.run([sys.executable, str(script), "--images", "4", "--draws", "2",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
+            for line in proc.stdout.splitlines() if line.startswith("| ")}  # fmt: skip
+    heart, circle = (float(v) for v in rows["heart"][:2])
+    assert heart >= circle + 0.1 and rows["heart"][2] == "1.00"
+    assert float(rows["circle"][1]) >= float(rows["circle"][0]) + 0.1
+    noisiest = {name: float(values[-1]) for name, values in rows.items() if name.startswith("base")}
+    assert noisiest["base, world circles, circle"] < noisiest["base, hearts, heart"]
+    assert set(noisiest) == {"base, world circles, circle", "base, hearts, heart",
+                             "base, hearts, circle"}  # fmt: skip
