@@ -245,17 +245,18 @@ def _setup_accelerator(cfg: TrainConfig) -> Accelerator:
 
 def edlora_caveat(cfg: TrainConfig) -> str | None:
     """The warning for SGD-SaI training ED-LoRA's layer-wise vectors, which lost the concept
-    in every measurement (docs/benchmarks.md, "ED-LoRA under SGD-SaI"); None otherwise. Not a
-    refusal: it is measured in the miniature only, and potter-edlora.yaml on a real checkpoint
-    is how to find out whether it holds there."""
+    with an attention-only LoRA and part of it with LoCon (docs/benchmarks.md, "ED-LoRA under
+    SGD-SaI"); None otherwise. Not a refusal: it is measured in the miniature only, and
+    potter-edlora.yaml on a real checkpoint is how to find out whether it holds there."""
     emb = cfg.embeddings
     if cfg.optimizer.name != "sgd-sai" or not (emb.edlora and emb.train):
         return None
     return (
-        "warning: ED-LoRA's layer-wise word vectors did not learn the concept under SGD-SaI in "
-        "our measurements (the miniature demo with an attention-only LoRA: concept fidelity "
-        "0.04 against 0.61 with one vector per word; docs/benchmarks.md#ed-lora-under-sgd-sai): "
-        "train them with --optimizer scaled-adamw, or keep SGD-SaI with --set edlora=false"
+        "warning: under SGD-SaI, ED-LoRA's layer-wise word vectors lost the concept in the "
+        "miniature demo with an attention-only UNet LoRA (concept fidelity 0.04 against 0.61 "
+        "with one vector per word) and kept less of it with LoCon (0.75 against 0.96; "
+        "docs/benchmarks.md#ed-lora-under-sgd-sai): compare with --optimizer scaled-adamw, or "
+        "keep SGD-SaI with --set edlora=false"
     )
 
 

@@ -69,7 +69,7 @@ def test_an_edlora_run_trains_layer_wise_rows_and_writes_edlora_safetensors(
     run = recipe.setup(cfg, c, out)
     # SGD-SaI (the default) with trained layer-wise rows: the measured caveat, said once
     said = capsys.readouterr().out
-    assert said.count("did not learn the concept under SGD-SaI") == 1
+    assert said.count("ED-LoRA's layer-wise word vectors lost the concept") == 1
     assert "--optimizer scaled-adamw" in said and "--set edlora=false" in said
     table_before = run.text_encoder.get_input_embeddings().weight.detach().clone()
     recipe.train(run)
