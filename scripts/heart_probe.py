@@ -30,6 +30,7 @@ from sai_diffusion._resources import miniature_dir
 from sai_diffusion.config import load_concept
 from sai_diffusion.miniature import shape, world
 from sai_diffusion.miniature.evaluate import SHAPE_MARGIN
+from sai_diffusion.miniature.judge import uint8_to_input
 from sai_diffusion.models.base import load_base_model
 from sai_diffusion.models.inference import load_run
 
@@ -123,8 +124,9 @@ def _scene(obj: str, caption: str) -> world.Scene:
 
 
 def _pixels(images: list[Image.Image]) -> torch.Tensor:
-    arrays = [np.asarray(i.convert("RGB"), np.float32) / 127.5 - 1 for i in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return uint8_to_input(
+        torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images]))
+    )
 
 
 def _images(pixels: torch.Tensor) -> list[Image.Image]:
